@@ -1,0 +1,99 @@
+"""The `loraq` command: a thin layer over the Python API. Errors a user can fix print one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .errors import LoraqError
+
+
+def _parse_targets(value: str) -> str | list[str]:
+    if value == "all-linear":
+        return value
+    if value.startswith("re:"):
+        return value[3:]
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if not f.init:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=help_text)
+        elif f.name == "targets":
+            parser.add_argument(flag, type=_parse_targets, default=f.default, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraq", description="Fine-tune language models cheaply with LoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a model and write a run folder", description="Fine-tune a model.")
+    _add_train_options(p)
+
+    p = sub.add_parser("generate", help="generate text from a prompt, optionally with an adapter")
+    p.add_argument("--model", default="smollm2-135m", help="model name or folder (default: smollm2-135m)")
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder to apply (default: none)")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
+
+    p = sub.add_parser("demo", help="fine-tune the default model on E2E NLG and show before/after")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="override the demo's number of steps")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except LoraqError as e:
+        print(f"loraq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loraq: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if args.command == "train":
+        from .train import TrainConfig, train
+
+        options = {k: v for k, v in vars(args).items() if k != "command"}
+        result = train(TrainConfig(**options))
+        print(f"validation loss {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}; adapter in {result.out / 'adapter'}")
+    elif args.command == "generate":
+        from .generate import generate
+        from .models import load_model
+        from .peft_format import load_adapter
+
+        if args.max_new_tokens < 1:
+            raise LoraqError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        model, tokenizer = load_model(args.model)
+        if args.adapter:
+            load_adapter(model, args.adapter)
+        print(generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.no_chat))
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Model surgery: find the target linear layers, wrap them, freeze the rest, and undo it all by merging."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import LoraConfig
+from .errors import LoraqError
+from .lora import LoraLinear
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of every linear layer that can take an adapter (all `nn.Linear` except the output head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wrapped = tuple(name + "." for name in lora_layers(model))
+    names = []
+    for name, module in model.named_modules():
+        if wrapped and name.startswith(wrapped):
+            continue  # the base layer inside a LoraLinear is not a target of its own
+        if isinstance(module, LoraLinear) or (isinstance(module, nn.Linear) and module is not head):
+            names.append(name)
+    return names
+
+
+def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Resolve a `LoraConfig.targets` value to module names; raise naming what exists if nothing matches."""
+    candidates = linear_module_names(model)
+    if targets == "all-linear":
+        chosen = candidates
+    elif isinstance(targets, str):
+        pattern = re.compile(targets)
+        chosen = [n for n in candidates if pattern.fullmatch(n)]
+    else:
+        unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in candidates)]
+        if unknown:
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+            hints = [difflib.get_close_matches(t, suffixes, n=1) for t in unknown]
+            hint = "".join(f" (did you mean {h[0]!r} for {t!r}?)" for t, h in zip(unknown, hints) if h)
+            raise LoraqError(
+                f"targets (--targets): no linear layer named {', '.join(map(repr, unknown))}{hint}; "
+                f"this model's linear layers are {', '.join(suffixes)}"
+            )
+        chosen = [n for n in candidates if any(n == t or n.endswith("." + t) for t in targets)]
+    if not chosen:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise LoraqError(
+            f"targets (--targets): {targets!r} matches no linear layer; this model's linear layers are "
+            f"{', '.join(suffixes)} (e.g. {candidates[0] if candidates else 'none'})"
+        )
+    return chosen
+
+
+def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Attach a LoRA adapter to the model's target layers and freeze everything else.
+
+    The model is changed in place and returned. Applying a second config with another `adapter_name`
+    adds a second adapter beside the first; the first added stays active until `set_active_adapter`.
+
+    Raises:
+        LoraqError: no layer matches `config.targets`, or the adapter name is taken.
+    """
+    names = find_targets(model, config.targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLinear):
+            module = LoraLinear(module)
+            _replace_module(model, name, module)
+        module.add_adapter(config)
+    for layer in lora_layers(model).values():
+        for p in layer.adapters.parameters():
+            p.requires_grad_(True)
+    model.loraq_configs = {**getattr(model, "loraq_configs", {}), config.adapter_name: config}
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """Every LoRA-wrapped layer of the model, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def set_active_adapter(model: nn.Module, name: str) -> None:
+    """Make `name` the adapter that every wrapped layer uses."""
+    for layer in lora_layers(model).values():
+        layer.set_active(name)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the base model alone inside this block (for before/after comparisons)."""
+    layers = list(lora_layers(model).values())
+    if any(layer.merged is not None for layer in layers):
+        raise LoraqError("cannot disable adapters while one is merged into the base; unmerge first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the active adapter into the base weights and remove every adapter (PEFT's merge_and_unload).
+
+    Returns the same model object, now a plain transformers model with no LoRA layers, computing what
+    the adapted model computed with no added latency.
+    """
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        _replace_module(model, name, layer.base)
+    if hasattr(model, "loraq_configs"):
+        del model.loraq_configs
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging, restoring the base model."""
+    for name, layer in lora_layers(model).items():
+        layer.unmerge()
+        _replace_module(model, name, layer.base)
+    if hasattr(model, "loraq_configs"):
+        del model.loraq_configs
+    return model
+
+
+@dataclass
+class ParameterSummary:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def parameter_summary(model: nn.Module) -> ParameterSummary:
+    """Trainable vs total parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return ParameterSummary(trainable, total)
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,116 @@
+"""The LoRA layer: a frozen linear layer plus named low-rank adapters, one active at a time.
+
+        x ──────────────► base (frozen W0) ──────────────┐
+        │                                                 + ──► y = W0·x + s·B·A·dropout(x)
+        └──► dropout ──► A (r, in) ──► B (out, r) ──► ·s ─┘
+
+B starts at zero, so a fresh adapter leaves the model unchanged. Merging adds s·B·A into W0 (computed in
+float32, then cast), so a merged model costs nothing extra at inference; unmerging subtracts it again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoraConfig
+from .errors import LoraqError
+
+
+class LoraAdapter(nn.Module):
+    """One low-rank update: A (r, in), B (out, r), its scaling and its dropout."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig):
+        super().__init__()
+        self.r = config.r
+        self.scaling = config.scaling
+        self.A = nn.Parameter(torch.empty(config.r, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, config.r))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        if config.init == "gaussian":
+            nn.init.normal_(self.A, std=1.0 / config.r)
+        else:
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x.to(self.A.dtype))
+        # Scale the r-wide intermediate rather than the out-wide result: same value, fewer multiplies.
+        return F.linear(F.linear(x, self.A) * self.scaling, self.B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·A in float32, shape (out, in)."""
+        return (self.B.float() @ self.A.float()) * self.scaling
+
+
+class LoraLinear(nn.Module):
+    """A frozen `nn.Linear` with named adapters beside it; at most one is active (or merged) at a time."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self.merged: str | None = None
+        self.disabled = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads .weight of projections (dtype checks, tied weights); expose the base's.
+        return self.base.weight
+
+    def add_adapter(self, config: LoraConfig) -> LoraAdapter:
+        name = config.adapter_name
+        if name in self.adapters:
+            raise LoraqError(f"adapter {name!r} already exists on this layer; pick another adapter_name")
+        adapter = LoraAdapter(self.in_features, self.out_features, config)
+        adapter.to(device=self.base.weight.device)
+        self.adapters[name] = adapter
+        if self.active is None:
+            self.active = name
+        return adapter
+
+    def set_active(self, name: str) -> None:
+        if name not in self.adapters:
+            raise LoraqError(f"no adapter named {name!r}; this model has {sorted(self.adapters)}")
+        if self.merged is not None and self.merged != name:
+            raise LoraqError(f"adapter {self.merged!r} is merged; unmerge it before switching to {name!r}")
+        self.active = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.active is None or self.disabled or self.merged is not None:
+            return y
+        return y + self.adapters[self.active](x).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the active adapter into the base weight (in float32, then cast back)."""
+        if self.merged is not None or self.active is None:
+            return
+        w = self.base.weight
+        w.copy_((w.float() + self.adapters[self.active].delta_weight().to(w.device)).to(w.dtype))
+        self.merged = self.active
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged adapter from the base weight again."""
+        if self.merged is None:
+            return
+        w = self.base.weight
+        w.copy_((w.float() - self.adapters[self.merged].delta_weight().to(w.device)).to(w.dtype))
+        self.merged = None
+
+    def extra_repr(self) -> str:
+        ranks = {name: a.r for name, a in self.adapters.items()}
+        return f"adapters={ranks}, active={self.active!r}, merged={self.merged!r}"

