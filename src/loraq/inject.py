@@ -60,12 +60,13 @@ def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Attach a LoRA adapter to the model's target layers and freeze everything else.
 
     The model is changed in place and returned. Applying a second config with another `adapter_name`
-    adds a second adapter beside the first; the first added stays active until `set_active_adapter`.
+    adds a second adapter beside the first; the active one stays active until `set_active_adapter`.
 
     Raises:
         LoraqError: no layer matches `config.targets`, or the adapter name is taken.
     """
     names = find_targets(model, config.targets)
+    active = next((layer.active for layer in lora_layers(model).values() if layer.active), config.adapter_name)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -78,6 +79,7 @@ def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
         for p in layer.adapters.parameters():
             p.requires_grad_(True)
     model.loraq_configs = {**getattr(model, "loraq_configs", {}), config.adapter_name: config}
+    set_active_adapter(model, active)
     return model
 
 
@@ -87,9 +89,15 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def set_active_adapter(model: nn.Module, name: str) -> None:
-    """Make `name` the adapter that every wrapped layer uses."""
-    for layer in lora_layers(model).values():
-        layer.set_active(name)
+    """Make `name` the active adapter; layers that do not hold it run without an adapter (as in PEFT)."""
+    configs = getattr(model, "loraq_configs", {})
+    if name not in configs:
+        raise LoraqError(f"no adapter named {name!r}; this model has {sorted(configs)}")
+    layers = lora_layers(model).values()
+    if any(layer.merged not in (None, name) for layer in layers):
+        raise LoraqError(f"another adapter is merged into the base; unmerge it before switching to {name!r}")
+    for layer in layers:
+        layer.active = name if name in layer.adapters else None
 
 
 @contextlib.contextmanager

@@ -76,8 +76,6 @@ class LoraLinear(nn.Module):
         adapter = LoraAdapter(self.in_features, self.out_features, config)
         adapter.to(device=self.base.weight.device)
         self.adapters[name] = adapter
-        if self.active is None:
-            self.active = name
         return adapter
 
     def set_active(self, name: str) -> None:
