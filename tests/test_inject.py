@@ -28,8 +28,10 @@ def test_all_linear_targets_every_projection_not_the_head(tiny):
 def test_suffix_and_regex_targets(tiny):
     model, _ = tiny
     assert find_targets(model, ["q_proj", "v_proj"]) == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
-        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
     ]
     assert find_targets(model, r".*layers\.1\..*_proj") == [n for n in find_targets(model, "all-linear") if ".1." in n]
 

@@ -60,7 +60,9 @@ class LoraConfig:
                 except re.error as e:
                     problems.append(f"targets (--targets) is not a valid regular expression: {e}")
         elif not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            problems.append(f"targets (--targets) must be 'all-linear', a regex or a list of names, got {self.targets!r}")
+            problems.append(
+                f"targets (--targets) must be 'all-linear', a regex or a list of names, got {self.targets!r}"
+            )
         if problems:
             raise LoraqError("invalid LoRA config: " + "; ".join(problems))
         self.alpha = float(self.alpha)

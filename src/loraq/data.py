@@ -68,7 +68,11 @@ def load_e2e(path: str | os.PathLike) -> list[Example]:
         raise LoraqError(f"{path}: expected a JSON object with an 'examples' list")
     examples = []
     for i, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("input"), str) or not isinstance(item.get("target"), str):
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("input"), str)
+            or not isinstance(item.get("target"), str)
+        ):
             raise LoraqError(f"{path}: example {i} needs string fields 'input' and 'target'")
         attributes = item["input"].strip()
         prompt = E2E_INSTRUCTION.format(attributes=attributes)
@@ -90,7 +94,9 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
                 try:
                     item = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise LoraqError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line") from None
+                    raise LoraqError(
+                        f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line"
+                    ) from None
                 if not isinstance(item, dict):
                     raise LoraqError(f"{path}:{lineno}: expected a JSON object with 'prompt' and 'completion'")
                 for key in ("prompt", "completion"):

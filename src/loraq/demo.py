@@ -34,8 +34,10 @@ def run_demo(out: str = "runs/demo", steps: int | None = None) -> TrainResult:
     atomic_write_text(result.out / "samples.json", json.dumps(samples, indent=2) + "\n")
 
     print()
-    print(f"validation loss   before {result.val_loss_before:.3f}   after {result.val_loss_after:.3f}"
-          f"   ({config.steps} steps, {result.seconds / 60:.1f} min)")
+    print(
+        f"validation loss   before {result.val_loss_before:.3f}   after {result.val_loss_after:.3f}"
+        f"   ({config.steps} steps, {result.seconds / 60:.1f} min)"
+    )
     for i, s in enumerate(samples, 1):
         print(f"\n[{i}] {s['prompt']}")
         for label in ("before", "after", "reference"):

@@ -16,7 +16,10 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
     was_training = model.training
     model.eval()
     out = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     model.train(was_training)

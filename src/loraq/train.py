@@ -41,7 +41,9 @@ class TrainConfig:
     rank: int = _opt(16, "LoRA rank r")
     alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/rank")
     dropout: float = _opt(0.0, "dropout on the adapter input")
-    targets: str | list[str] = _opt("all-linear", "layers to adapt: 'all-linear', names like q_proj,v_proj, or re:REGEX")
+    targets: str | list[str] = _opt(
+        "all-linear", "layers to adapt: 'all-linear', names like q_proj,v_proj, or re:REGEX"
+    )
     use_rslora: bool = _opt(False, "rank-stabilised scaling alpha/sqrt(rank)")
     steps: int = _opt(100, "optimizer steps")
     batch_size: int = _opt(8, "examples per micro-batch")
@@ -74,17 +76,39 @@ class TrainConfig:
         check(is_int(self.batch_size) and self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size!r}")
         check(is_int(self.grad_accum) and self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum!r}")
         check(is_num(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr!r}")
-        check(is_int(self.warmup_steps) and self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
-        check(is_num(self.weight_decay) and self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay!r}")
-        check(is_num(self.max_grad_norm) and self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm!r}")
-        check(is_int(self.max_length) and self.max_length >= 8, f"--max-length must be an integer >= 8, got {self.max_length!r}")
-        check(is_int(self.eval_every) and self.eval_every >= 0, f"--eval-every must be >= 0 (0: only at the end), got {self.eval_every!r}")
-        check(is_int(self.eval_batch_size) and self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size!r}")
+        check(
+            is_int(self.warmup_steps) and self.warmup_steps >= 0,
+            f"--warmup-steps must be >= 0, got {self.warmup_steps!r}",
+        )
+        check(
+            is_num(self.weight_decay) and self.weight_decay >= 0,
+            f"--weight-decay must be >= 0, got {self.weight_decay!r}",
+        )
+        check(
+            is_num(self.max_grad_norm) and self.max_grad_norm > 0,
+            f"--max-grad-norm must be > 0, got {self.max_grad_norm!r}",
+        )
+        check(
+            is_int(self.max_length) and self.max_length >= 8,
+            f"--max-length must be an integer >= 8, got {self.max_length!r}",
+        )
+        check(
+            is_int(self.eval_every) and self.eval_every >= 0,
+            f"--eval-every must be >= 0 (0: only at the end), got {self.eval_every!r}",
+        )
+        check(
+            is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
+            f"--eval-batch-size must be >= 1, got {self.eval_batch_size!r}",
+        )
         check(is_int(self.seed), f"--seed must be an integer, got {self.seed!r}")
         try:
             self.lora = LoraConfig(
-                r=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
-                use_rslora=self.use_rslora, method=self.method,
+                r=self.rank,
+                alpha=self.alpha,
+                dropout=self.dropout,
+                targets=self.targets,
+                use_rslora=self.use_rslora,
+                method=self.method,
             )
         except LoraqError as e:
             problems.append(str(e).removeprefix("invalid LoRA config: "))
@@ -177,7 +201,9 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     if not train_items:
         raise LoraqError(f"data (--data): no training example fits --max-length {config.max_length}")
     if dropped + dropped_val:
-        print(f"loraq: dropped {dropped + dropped_val} examples whose prompt alone fills --max-length {config.max_length}")
+        print(
+            f"loraq: dropped {dropped + dropped_val} examples whose prompt alone fills --max-length {config.max_length}"
+        )
     pad_id = tokenizer.pad_token_id
 
     apply(model, config.lora)
@@ -219,7 +245,14 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         tok_s = tokens / (time.perf_counter() - t0)
         train_losses.append(step_loss)
-        record = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tok_s": tok_s}
+        record = {
+            "step": step + 1,
+            "loss": step_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "tok_s": tok_s,
+        }
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
         if val_items and ((config.eval_every and (step + 1) % config.eval_every == 0) or step + 1 == config.steps):
             val_after = evaluate_loss(model, val_items, config.eval_batch_size, pad_id)

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+from conftest import E2E_TINY
+from peft import PeftModel
+
+import loraq
+from loraq import LoraqError, TrainConfig
+from loraq.data import collate, encode_all, load_examples
+from loraq.train import loss_sum, lr_at
+
+
+def config(tmp_path, tiny_model_dir, **kw):
+    base = dict(
+        model=str(tiny_model_dir),
+        data=str(E2E_TINY),
+        steps=8,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=2,
+        rank=4,
+        alpha=8.0,
+        eval_every=4,
+        out=str(tmp_path / "run"),
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    c = TrainConfig(steps=100, lr=1e-3, warmup_steps=10)
+    lrs = [lr_at(s, c) for s in range(100)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 1e-6 + 1e-3 * 0.001
+
+
+def test_bad_options_are_all_named():
+    with pytest.raises(LoraqError) as e:
+        TrainConfig(steps=0, lr=-1.0, rank=0, batch_size=0)
+    msg = str(e.value)
+    for flag in ("--steps", "--lr", "--rank", "--batch-size"):
+        assert flag in msg
+
+
+def test_loss_sum_matches_transformers_loss(tiny):
+    model, tok = tiny
+    items, _ = encode_all(tok, load_examples(E2E_TINY)[:6], 256)
+    batch = collate(items, tok.pad_token_id)
+    ours, n = loss_sum(model, batch)
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(ours / n, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_train_writes_run_folder_and_learns(tmp_path, tiny_model_dir, tokens):
+    result = loraq.train(config(tmp_path, tiny_model_dir), progress=False)
+    run = tmp_path / "run"
+    assert result.val_loss_after < result.val_loss_before
+    assert result.train_losses[-1] < result.train_losses[0]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(9))
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 4, 8]
+    assert all({"loss", "lr", "grad_norm", "tokens", "tok_s"} <= r.keys() for r in records[1:])
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["steps"] == 8 and saved["rank"] == 4
+    base, _ = loraq.load_model(tiny_model_dir)
+    peft_model = PeftModel.from_pretrained(base, run / "adapter")
+    with torch.no_grad():
+        diff = (peft_model(tokens).logits - result.model(tokens).logits).abs().max()
+    assert diff <= 1e-5
+
+
+def test_training_is_deterministic(tmp_path, tiny_model_dir):
+    a = loraq.train(config(tmp_path / "a", tiny_model_dir, steps=4), progress=False).train_losses
+    b = loraq.train(config(tmp_path / "b", tiny_model_dir, steps=4), progress=False).train_losses
+    assert a == b
+
+
+def test_grad_accumulation_matches_a_bigger_batch(tmp_path, tiny_model_dir):
+    big = loraq.train(config(tmp_path / "a", tiny_model_dir, steps=3, batch_size=4), progress=False)
+    acc = loraq.train(config(tmp_path / "b", tiny_model_dir, steps=3, batch_size=2, grad_accum=2), progress=False)
+    assert big.train_losses == pytest.approx(acc.train_losses, rel=1e-4)
+
+
+def test_only_adapter_parameters_change(tmp_path, tiny_model_dir):
+    model, tok = loraq.load_model(tiny_model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loraq.train(config(tmp_path, tiny_model_dir, steps=2), model=model, tokenizer=tok, progress=False)
+    after = loraq.merge(model).state_dict()
+    for key, value in before.items():
+        if "proj" not in key:
+            assert torch.equal(after[key], value), key
+
+
+def test_max_length_below_every_prompt_fails_before_training(tmp_path, tiny_model_dir):
+    with pytest.raises(LoraqError, match="no training example fits --max-length 8"):
+        loraq.train(config(tmp_path, tiny_model_dir, max_length=8), progress=False)
+    assert not (tmp_path / "run").exists()
