@@ -19,11 +19,12 @@ def run_demo(out: str = "runs/demo", steps: int | None = None) -> TrainResult:
     before and after. Writes the run folder `out` (adapter, config.json, metrics.jsonl, samples.json)."""
     model, tokenizer = load_model(DEFAULT_MODEL)
     test = split_by_group(load_examples("e2e")).test
-    samples, seen = [], set()
-    for ex in test:  # three attribute sets never seen in training
-        if ex.group not in seen and len(samples) < 3:
-            seen.add(ex.group)
-            samples.append({"prompt": ex.prompt, "reference": ex.response})
+    first_of_group = {}
+    for ex in test:  # attribute sets never seen in training; take three spread over the test split
+        first_of_group.setdefault(ex.group, ex)
+    groups = list(first_of_group.values())
+    picks = [groups[i * len(groups) // 3] for i in range(min(3, len(groups)))]
+    samples = [{"prompt": ex.prompt, "reference": ex.response} for ex in picks]
     for s in samples:
         s["before"] = generate(model, tokenizer, s["prompt"], max_new_tokens=60)
 
