@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import LoraqError
 
-METHODS = ("lora",)
+METHODS = ("lora", "qlora")
 INITS = ("kaiming", "gaussian")
 
 
@@ -26,7 +26,7 @@ class LoraConfig:
             except the output head.
         init: "kaiming" (kaiming-uniform with a=sqrt(5), as PEFT and loralib) or "gaussian" (N(0, 1/r)).
         use_rslora: rank-stabilised scaling alpha/sqrt(r).
-        method: "lora".
+        method: "lora", or "qlora" (the frozen base stored as NF4 with double-quantized constants).
         adapter_name: name of the adapter inside the model; several may coexist, one active.
     """
 

@@ -8,11 +8,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import LoraConfig
 from .errors import LoraqError
 from .lora import LoraLinear
+from .quant.linear import NF4Linear
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -23,7 +25,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if wrapped and name.startswith(wrapped):
             continue  # the base layer inside a LoraLinear is not a target of its own
-        if isinstance(module, LoraLinear) or (isinstance(module, nn.Linear) and module is not head):
+        if isinstance(module, (LoraLinear, NF4Linear)) or (isinstance(module, nn.Linear) and module is not head):
             names.append(name)
     return names
 
@@ -122,8 +124,11 @@ def merge(model: nn.Module) -> nn.Module:
     the adapted model computed with no added latency.
     """
     for name, layer in lora_layers(model).items():
-        layer.merge()
-        _replace_module(model, name, layer.base)
+        if isinstance(layer.base, NF4Linear):
+            _replace_module(model, name, _merged_linear(layer))
+        else:
+            layer.merge()
+            _replace_module(model, name, layer.base)
     if hasattr(model, "loraq_configs"):
         del model.loraq_configs
     return model
@@ -163,6 +168,20 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return ParameterSummary(trainable, total)
+
+
+def _merged_linear(layer: LoraLinear) -> nn.Linear:
+    """A full-precision nn.Linear holding the dequantized base weight plus the active adapter's update."""
+    base = layer.base
+    weight = base.dequantize(torch.float32)
+    if layer.active is not None:
+        weight += layer.adapters[layer.active].delta_weight().to(weight.device)
+    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+    return linear.to(base.weight_dtype).requires_grad_(False)
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -46,9 +46,12 @@ class LoraAdapter(nn.Module):
 
 
 class LoraLinear(nn.Module):
-    """A frozen `nn.Linear` with named adapters beside it; at most one is active (or merged) at a time."""
+    """A frozen linear layer (`nn.Linear` or a quantized one) with named adapters beside it.
 
-    def __init__(self, base: nn.Linear):
+    At most one adapter is active (or merged) at a time.
+    """
+
+    def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
         self.adapters = nn.ModuleDict()
@@ -64,17 +67,12 @@ class LoraLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    @property
-    def weight(self) -> torch.Tensor:
-        # transformers reads .weight of projections (dtype checks, tied weights); expose the base's.
-        return self.base.weight
-
     def add_adapter(self, config: LoraConfig) -> LoraAdapter:
         name = config.adapter_name
         if name in self.adapters:
             raise LoraqError(f"adapter {name!r} already exists on this layer; pick another adapter_name")
         adapter = LoraAdapter(self.in_features, self.out_features, config)
-        adapter.to(device=self.base.weight.device)
+        adapter.to(device=next(iter(self.base.state_dict().values())).device)
         self.adapters[name] = adapter
         return adapter
 
@@ -96,6 +94,8 @@ class LoraLinear(nn.Module):
         """Add the active adapter into the base weight (in float32, then cast back)."""
         if self.merged is not None or self.active is None:
             return
+        if not isinstance(self.base, nn.Linear):
+            raise LoraqError("a quantized base cannot be merged in place; use loraq.merge(model), which dequantizes")
         w = self.base.weight
         w.copy_((w.float() + self.adapters[self.active].delta_weight().to(w.device)).to(w.dtype))
         self.merged = self.active

@@ -25,6 +25,7 @@ from .errors import LoraqError
 from .inject import apply, parameter_summary
 from .models import DEFAULT_MODEL, load_model
 from .peft_format import save_adapter
+from .quant.linear import quantize_model
 
 
 def _opt(default, help: str):
@@ -37,7 +38,7 @@ class TrainConfig:
 
     model: str = _opt(DEFAULT_MODEL, "model: 'smollm2-135m', a Hugging Face folder, a .gguf file or a hub id")
     data: str = _opt("e2e", "data: 'e2e' (default task), a prompt/completion .jsonl or a bigbench task .json")
-    method: str = _opt("lora", "fine-tuning method")
+    method: str = _opt("lora", "fine-tuning method: lora, or qlora (NF4 4-bit base with double quantization)")
     rank: int = _opt(16, "LoRA rank r")
     alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/rank")
     dropout: float = _opt(0.0, "dropout on the adapter input")
@@ -206,6 +207,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         )
     pad_id = tokenizer.pad_token_id
 
+    if config.method == "qlora":
+        quantize_model(model)
     apply(model, config.lora)
     print(f"loraq: {parameter_summary(model)}")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,90 @@
+import pytest
+import torch
+from conftest import E2E_TINY
+from torch import nn
+
+import loraq
+from loraq import LoraConfig, LoraqError, TrainConfig
+from loraq.inject import lora_layers
+from loraq.lora import LoraLinear
+from loraq.quant.linear import NF4Linear, quantize_model
+
+
+def test_nf4_linear_forward_and_gradients():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 48)
+    q = NF4Linear(linear)
+    w = q.dequantize()
+    x = torch.randn(5, 96, requires_grad=True)
+    y = q(x)
+    torch.testing.assert_close(y, x @ w.T + linear.bias, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(5, 48) @ w, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in q.parameters())
+    assert q.storage_bytes() * 8 / w.numel() == pytest.approx(4.127, abs=0.05)
+
+
+def test_qlora_equals_lora_on_the_dequantized_weight():
+    torch.manual_seed(0)
+    q = NF4Linear(nn.Linear(128, 64, bias=False))
+    plain = nn.Linear(128, 64, bias=False)
+    plain.weight.data = q.dequantize()
+    a, b = LoraLinear(q), LoraLinear(plain)
+    for layer in (a, b):
+        torch.manual_seed(1)
+        layer.add_adapter(LoraConfig(r=4, alpha=8))
+        layer.set_active("default")
+        nn.init.normal_(layer.adapters["default"].B)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+    a(x).pow(2).sum().backward()
+    b(x).pow(2).sum().backward()
+    for name in ("A", "B"):
+        torch.testing.assert_close(getattr(a.adapters["default"], name).grad, getattr(b.adapters["default"], name).grad)
+    with pytest.raises(LoraqError, match="loraq.merge"):
+        a.merge()
+
+
+def test_gradients_reach_every_lora_parameter_after_generate(tiny):
+    """The bitsandbytes CPU trap: after a no-grad generate() a 4-bit layer must still pass input gradients."""
+    model, tok = tiny
+    quantize_model(model)
+    loraq.apply(model, LoraConfig(r=4, alpha=8))
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.adapters["default"].B, std=0.01)
+    loraq.generate(model, tok, "name: The Mill", max_new_tokens=3)
+    model.train()
+    ids = torch.randint(3, len(tok), (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_qlora_training_adapter_and_merge(tmp_path, tiny_model_dir, tokens):
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        data=str(E2E_TINY),
+        method="qlora",
+        steps=6,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=1,
+        rank=4,
+        alpha=8.0,
+        eval_every=0,
+        out=str(tmp_path / "run"),
+    )
+    result = loraq.train(cfg, progress=False)
+    assert result.val_loss_after < result.val_loss_before
+    assert all(isinstance(layer.base, NF4Linear) for layer in lora_layers(result.model).values())
+    with torch.no_grad():
+        adapted = result.model(tokens).logits
+    merged = loraq.merge(result.model)
+    assert not any(isinstance(m, (NF4Linear, LoraLinear)) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens).logits, adapted, rtol=1e-4, atol=1e-4)
+    # the adapter is a plain PEFT adapter that loads onto the original full-precision base
+    base, _ = loraq.load_model(tiny_model_dir)
+    loraq.load_adapter(base, tmp_path / "run" / "adapter")
+    assert len(lora_layers(base)) == 14
