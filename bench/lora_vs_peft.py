@@ -93,15 +93,21 @@ def main() -> None:
     def med(which: str, key: str) -> float:
         return statistics.median(r[key] for r in results[which])
 
-    print(f"\nbatch {args.batch} x {args.seq}, r={args.rank} on {len(PROJECTIONS)} projections, "
-          f"median of {args.steps} steps after {args.warmup} warm-up, {args.rounds} alternating rounds")
+    print(
+        f"\nbatch {args.batch} x {args.seq}, r={args.rank} on {len(PROJECTIONS)} projections, "
+        f"median of {args.steps} steps after {args.warmup} warm-up, {args.rounds} alternating rounds"
+    )
     print(f"{'':8s}{'trainable':>12s}{'step (s)':>10s}{'peak RSS (MB)':>15s}{'loss@1':>8s}")
     for which in ("loraq", "peft"):
         r = results[which][0]
-        print(f"{which:8s}{r['trainable']:>12,}{med(which, 'step_s'):>10.2f}{med(which, 'peak_rss_mb'):>15.0f}"
-              f"{r['first_loss']:>8.3f}")
-    print(f"ratio loraq/PEFT: step time {med('loraq', 'step_s') / med('peft', 'step_s'):.3f}, "
-          f"peak RSS {med('loraq', 'peak_rss_mb') / med('peft', 'peak_rss_mb'):.3f}")
+        print(
+            f"{which:8s}{r['trainable']:>12,}{med(which, 'step_s'):>10.2f}{med(which, 'peak_rss_mb'):>15.0f}"
+            f"{r['first_loss']:>8.3f}"
+        )
+    print(
+        f"ratio loraq/PEFT: step time {med('loraq', 'step_s') / med('peft', 'step_s'):.3f}, "
+        f"peak RSS {med('loraq', 'peak_rss_mb') / med('peft', 'peak_rss_mb'):.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -130,21 +130,25 @@ def quantize_4bit(
 def dequantize_4bit(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Unpack and rescale 4-bit codes to a tensor of `state.shape` (in `dtype`, default the original's).
 
-    Computed in fp32 (code value times block absmax), then cast once.
+    Computed in fp32 (code value times block absmax), then cast once; a fresh tensor each call.
     """
-    packed = packed.reshape(-1)
     n = 1
     for d in state.shape:
         n *= d
-    q = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
-    values = code_4bit(state.quant_type, packed.device)[q]
+    # One lookup per byte gives both of its values: (code[b >> 4], code[b & 15]).
+    values = _byte_pairs(state.quant_type, packed.device).index_select(0, packed.reshape(-1).int()).view(-1)[:n]
     absmax = state.block_absmax().to(packed.device)
     full = n - n % state.blocksize
-    out = torch.empty(n, dtype=torch.float32, device=packed.device)
-    out[:full] = (values[:full].view(-1, state.blocksize) * absmax[: full // state.blocksize].unsqueeze(1)).reshape(-1)
+    values[:full].view(-1, state.blocksize).mul_(absmax[: full // state.blocksize].unsqueeze(1))
     if full < n:
-        out[full:] = values[full:] * absmax[-1]
-    return out.view(state.shape).to(dtype or state.dtype)
+        values[full:].mul_(absmax[-1])
+    return values.view(state.shape).to(dtype or state.dtype)
+
+
+@cache
+def _byte_pairs(quant_type: str, device: torch.device) -> torch.Tensor:
+    code = code_4bit(quant_type, device)
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2)
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
