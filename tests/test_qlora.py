@@ -48,8 +48,11 @@ def test_qlora_equals_lora_on_the_dequantized_weight():
 def test_gradients_reach_every_lora_parameter_after_generate(tiny):
     """The bitsandbytes CPU trap: after a no-grad generate() a 4-bit layer must still pass input gradients."""
     model, tok = tiny
+    total = loraq.parameter_summary(model).total
     quantize_model(model)
     loraq.apply(model, LoraConfig(r=4, alpha=8))
+    summary = loraq.parameter_summary(model)
+    assert summary.total == total + summary.trainable
     for layer in lora_layers(model).values():
         nn.init.normal_(layer.adapters["default"].B, std=0.01)
     loraq.generate(model, tok, "name: The Mill", max_new_tokens=3)

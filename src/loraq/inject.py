@@ -158,7 +158,7 @@ class ParameterSummary:
 
 
 def parameter_summary(model: nn.Module) -> ParameterSummary:
-    """Trainable vs total parameters (tied weights counted once)."""
+    """Trainable vs total parameters (tied weights counted once, 4-bit weights by their element count)."""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
@@ -167,6 +167,8 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    # a 4-bit layer holds its weight in buffers; count it as the parameters it stands for
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
     return ParameterSummary(trainable, total)
 
 
