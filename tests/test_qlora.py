@@ -1,10 +1,10 @@
 import pytest
 import torch
-from conftest import E2E_TINY
+from test_train import config as train_config
 from torch import nn
 
 import loraq
-from loraq import LoraConfig, LoraqError, TrainConfig
+from loraq import LoraConfig, LoraqError
 from loraq.inject import lora_layers
 from loraq.lora import LoraLinear
 from loraq.quant.linear import NF4Linear, quantize_model
@@ -65,19 +65,7 @@ def test_gradients_reach_every_lora_parameter_after_generate(tiny):
 
 
 def test_qlora_training_adapter_and_merge(tmp_path, tiny_model_dir, tokens):
-    cfg = TrainConfig(
-        model=str(tiny_model_dir),
-        data=str(E2E_TINY),
-        method="qlora",
-        steps=6,
-        batch_size=4,
-        lr=1e-2,
-        warmup_steps=1,
-        rank=4,
-        alpha=8.0,
-        eval_every=0,
-        out=str(tmp_path / "run"),
-    )
+    cfg = train_config(tmp_path, tiny_model_dir, method="qlora", steps=6, warmup_steps=1, eval_every=0)
     result = loraq.train(cfg, progress=False)
     assert result.val_loss_after < result.val_loss_before
     assert all(isinstance(layer.base, NF4Linear) for layer in lora_layers(result.model).values())
