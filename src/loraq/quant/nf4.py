@@ -12,6 +12,7 @@ Cost per weight: 4 + 8/64 + 32/(64·256) = 4.127 bits with blocksize 64 (4.5 bit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -65,6 +66,10 @@ class NF4State:
     absmax: torch.Tensor  # fp32 (blocks,), or uint8 codes (blocks,) with double quantization
     offset: torch.Tensor | None = None  # fp32 scalar: mean of the absmax values (double quantization)
     nested_absmax: torch.Tensor | None = None  # fp32 (ceil(blocks/256),) (double quantization)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def double_quant(self) -> bool:
@@ -132,9 +137,7 @@ def dequantize_4bit(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | 
 
     Computed in fp32 (code value times block absmax), then cast once; a fresh tensor each call.
     """
-    n = 1
-    for d in state.shape:
-        n *= d
+    n = state.numel
     # One lookup per byte gives both of its values: (code[b >> 4], code[b & 15]).
     values = _byte_pairs(state.quant_type, packed.device).index_select(0, packed.reshape(-1).int()).view(-1)[:n]
     absmax = state.block_absmax().to(packed.device)
@@ -182,9 +185,7 @@ def dequantize_blockwise_8bit(
 
 def bits_per_value(state: NF4State) -> float:
     """Storage cost per quantized value: 4 bits of code plus the block constants."""
-    n = 1
-    for d in state.shape:
-        n *= d
+    n = state.numel
     constant_bits = state.absmax.numel() * state.absmax.element_size() * 8
     if state.double_quant:
         assert state.nested_absmax is not None
