@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 from test_train import config as train_config
@@ -13,7 +15,7 @@ from loraq.quant.linear import NF4Linear, quantize_model
 def test_nf4_linear_forward_and_gradients():
     torch.manual_seed(0)
     linear = nn.Linear(96, 48)
-    q = NF4Linear(linear)
+    q = NF4Linear.quantize(linear)
     w = q.dequantize()
     x = torch.randn(5, 96, requires_grad=True)
     y = q(x)
@@ -26,7 +28,7 @@ def test_nf4_linear_forward_and_gradients():
 
 def test_qlora_equals_lora_on_the_dequantized_weight():
     torch.manual_seed(0)
-    q = NF4Linear(nn.Linear(128, 64, bias=False))
+    q = NF4Linear.quantize(nn.Linear(128, 64, bias=False))
     plain = nn.Linear(128, 64, bias=False)
     plain.weight.data = q.dequantize()
     a, b = LoraLinear(q), LoraLinear(plain)
@@ -79,3 +81,43 @@ def test_qlora_training_adapter_and_merge(tmp_path, tiny_model_dir, tokens):
     base, _ = loraq.load_model(tiny_model_dir)
     loraq.load_adapter(base, tmp_path / "run" / "adapter")
     assert len(lora_layers(base)) == 14
+
+
+def test_grad_checkpoint_gives_the_same_losses(tmp_path, tiny_model_dir):
+    plain = loraq.train(
+        train_config(tmp_path / "a", tiny_model_dir, method="qlora", steps=3, eval_every=0), progress=False
+    )
+    checkpointed = loraq.train(
+        train_config(tmp_path / "b", tiny_model_dir, method="qlora", steps=3, eval_every=0, grad_checkpoint=True),
+        progress=False,
+    )
+    assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.model.modules())
+    assert checkpointed.train_losses == pytest.approx(plain.train_losses, rel=1e-5)
+
+
+def test_bf16_compute_follows_autocast_and_keeps_adapters_fp32(tiny):
+    model, tok = tiny
+    quantize_model(model)
+    loraq.apply(model, LoraConfig(r=4, alpha=8))
+    ids = torch.randint(3, len(tok), (2, 10))
+    seen = []
+    layer = model.model.layers[0].self_attn.q_proj.base
+    layer.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert seen and all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_bf16_on_a_cpu_without_it_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(sys.modules["loraq.train"], "cpu_supports_bf16", lambda: False)
+    with pytest.raises(LoraqError, match="no native bf16 support"):
+        loraq.train(train_config(tmp_path, tiny_model_dir, device="cpu", compute_dtype="bf16"), progress=False)
+    with pytest.raises(LoraqError, match="fp16 needs CUDA"):
+        loraq.train(train_config(tmp_path, tiny_model_dir, device="cpu", compute_dtype="fp16"), progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(LoraqError, match="no CUDA device"):
+            loraq.train(train_config(tmp_path, tiny_model_dir, device="cuda"), progress=False)
+    assert not (tmp_path / "run").exists()

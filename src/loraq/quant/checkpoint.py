@@ -1,0 +1,240 @@
+"""Save a 4-bit model as safetensors and load it back without re-quantizing.
+
+The key layout is the one transformers + bitsandbytes write for a `load_in_4bit` model, so either side can
+read the other's folder: for each quantized layer `<name>.weight` holds the packed codes (uint8, (n/2, 1)),
+beside `.weight.absmax`, `.weight.quant_map`, with double quantization `.weight.nested_absmax` and
+`.weight.nested_quant_map`, and `.weight.quant_state.bitsandbytes__nf4` (a JSON dict stored as uint8 bytes:
+blocksize, dtype, shape, nested_blocksize, nested_offset...). config.json carries a bitsandbytes
+`quantization_config`. Every tensor is checked against the layer it belongs to before anything is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_folder
+from ..errors import LoraqError
+from .linear import NF4Linear
+from .nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, NF4State, code_4bit, dynamic_code_8bit
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def is_quantized_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a 4-bit checkpoint (a bitsandbytes 4-bit quantization_config)."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    qc = config.get("quantization_config") or {}
+    return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors in the bitsandbytes 4-bit serialization layout."""
+    out: dict[str, torch.Tensor] = {}
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    for name, tensor in model.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if owner not in quantized:
+            out[name] = tensor
+    for name, m in quantized.items():
+        key = f"{name}.weight"
+        meta = {
+            "quant_type": m.quant_type,
+            "blocksize": m.blocksize,
+            "dtype": str(m.weight_dtype).removeprefix("torch."),
+            "shape": [m.out_features, m.in_features],
+        }
+        out[key] = m.packed
+        out[f"{key}.absmax"] = m.absmax
+        out[f"{key}.quant_map"] = code_4bit(m.quant_type)
+        if m.offset is not None:
+            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=float(m.offset))
+            out[f"{key}.nested_absmax"] = m.nested_absmax
+            out[f"{key}.nested_quant_map"] = dynamic_code_8bit().clone()
+        out[f"{key}.quant_state.bitsandbytes__{m.quant_type}"] = torch.tensor(
+            list(json.dumps(meta).encode()), dtype=torch.uint8
+        )
+        if m.bias is not None:
+            out[f"{name}.bias"] = m.bias
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def save_quantized(model: nn.Module, tokenizer, folder: str | os.PathLike) -> Path:
+    """Write a model whose linear layers are NF4Linear (see `quantize_model`) as a safetensors folder.
+
+    The folder is written atomically; tied weights (the embedding and the head) are stored once.
+    """
+    from safetensors.torch import save_file
+
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    if not layers:
+        raise LoraqError("save_quantized: the model has no 4-bit layers; quantize it first")
+    state = quantized_state_dict(model)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        state.pop("lm_head.weight", None)  # tied: stored once, as the embedding
+    first = layers[0]
+    config = model.config.to_dict()
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": first.quant_type,
+        "bnb_4bit_use_double_quant": first.offset is not None,
+        "bnb_4bit_compute_dtype": "float32",
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": ["lm_head"],
+    }
+    with atomic_folder(folder) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(folder)
+
+
+def load_quantized(folder: str | os.PathLike, trust_remote_code: bool = False) -> nn.Module:
+    """Build the model saved by `save_quantized` (or by transformers + bitsandbytes) without re-quantizing.
+
+    Raises:
+        LoraqError: the folder is not a 4-bit checkpoint, or a tensor is missing, of the wrong dtype or size,
+            or unreadable; the message names the file and the tensor.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoraqError(f"{folder}: no .safetensors file")
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors raises SafetensorError/OSError for truncated or lying headers
+            raise LoraqError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise LoraqError(f"{folder / 'config.json'}: cannot be read as a model config ({e})") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    head = model.get_output_embeddings()
+    where = files[0] if len(files) == 1 else folder
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module is head:
+            continue
+        key = f"{name}.weight"
+        if f"{key}.absmax" not in tensors:
+            continue  # stored unquantized: loaded below like any other tensor
+        packed, state = _layer_state(tensors, key, (module.out_features, module.in_features), where)
+        bias = tensors.pop(f"{name}.bias", None)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, NF4Linear(packed, state, bias))
+    quantized = {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in quantized}
+    missing = sorted(k for k in expected - set(tensors) if not _tied_head(model, k))
+    unexpected = sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise LoraqError(f"{where}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for k, v in tensors.items():
+        want = shapes[k]
+        if tuple(v.shape) != tuple(want):
+            raise LoraqError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(want)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with parameters on the meta device (no memory) but real buffers (e.g. rotary tables,
+    which are computed at construction and not saved)."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _tied_head(model: nn.Module, key: str) -> bool:
+    return key == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def _layer_state(
+    tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, int], where: Path
+) -> tuple[torch.Tensor, NF4State]:
+    def bad(tensor: str, why: str) -> LoraqError:
+        return LoraqError(f"{where}: tensor {tensor} {why}; the quantized checkpoint is corrupt")
+
+    meta_keys = [k for k in tensors if k.startswith(f"{key}.quant_state.bitsandbytes__")]
+    if len(meta_keys) != 1:
+        raise bad(f"{key}.quant_state.bitsandbytes__nf4", "is missing")
+    raw = tensors.pop(meta_keys[0])
+    try:
+        meta = json.loads(bytes(raw.to(torch.uint8).tolist()).decode("utf-8"))
+        quant_type, blocksize = meta["quant_type"], int(meta["blocksize"])
+        dtype = _DTYPES[meta.get("dtype", "float32")]
+    except (ValueError, KeyError, TypeError) as e:
+        raise bad(meta_keys[0], f"is not a valid quantization state ({e})") from None
+    if quant_type not in ("nf4", "fp4") or blocksize not in BLOCKSIZES:
+        raise bad(meta_keys[0], f"names quant_type {quant_type!r} / blocksize {blocksize}, which loraq cannot read")
+    if meta.get("shape") is not None and tuple(meta["shape"]) != shape:
+        raise bad(meta_keys[0], f"says shape {tuple(meta['shape'])}, but the layer is {shape}")
+    n = math.prod(shape)
+    blocks = -(-n // blocksize)
+    packed = _take(tensors, key, torch.uint8, (n + 1) // 2, bad).reshape(-1, 1)
+    tensors.pop(f"{key}.quant_map", None)
+    tensors.pop(f"{key}.nested_quant_map", None)
+    if f"{key}.nested_absmax" in tensors:
+        absmax = _take(tensors, f"{key}.absmax", torch.uint8, blocks, bad)
+        nested = _take(tensors, f"{key}.nested_absmax", torch.float32, -(-blocks // NESTED_BLOCKSIZE), bad)
+        try:
+            offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)
+        except (KeyError, TypeError, ValueError):
+            raise bad(meta_keys[0], "lacks nested_offset") from None
+        state = NF4State(shape, dtype, blocksize, quant_type, absmax, offset, nested)
+    else:
+        absmax = _take(tensors, f"{key}.absmax", torch.float32, blocks, bad)
+        state = NF4State(shape, dtype, blocksize, quant_type, absmax)
+    for name, t in ((f"{key}.nested_absmax", state.nested_absmax), (f"{key}.absmax", state.block_absmax())):
+        if t is not None and not torch.isfinite(t).all():
+            raise bad(name, "holds NaN or infinite scales")
+    return packed, state
+
+
+def _take(tensors: dict[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int, bad) -> torch.Tensor:
+    t = tensors.pop(key, None)
+    if t is None:
+        raise bad(key, "is missing")
+    if t.dtype != dtype:
+        raise bad(key, f"is {t.dtype}, expected {dtype}")
+    if t.numel() != numel:
+        raise bad(key, f"has {t.numel()} elements, expected {numel}")
+    return t.reshape(-1)
