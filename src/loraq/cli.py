@@ -48,6 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
 
+    p = sub.add_parser(
+        "merge",
+        help="merge a run's adapter into its base and write a Hugging Face folder",
+        description="Merge an adapter into its base model (for QLoRA: the dequantized NF4 base) and write a "
+        "folder that transformers loads; the error each rounding adds is measured on validation prompts.",
+    )
+    p.add_argument("run", help="run folder written by `loraq train`, or a PEFT adapter folder")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--model", default=None, help="base model (default: the run's, or the adapter's base)")
+    p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 for the written weights (default: bf16)")
+    p.add_argument(
+        "--requantize",
+        default=None,
+        help="nf4 or fp4: re-quantize the merged weights to 4 bits (lossy; the error is reported) (default: off)",
+    )
+    p.add_argument("--data", default=None, help="validation data for the error report (default: the run's)")
+    p.add_argument("--prompts", type=int, default=16, help="validation examples to measure on (default: 16)")
+
     p = sub.add_parser("demo", help="fine-tune the default model on E2E NLG and show before/after")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="override the demo's number of steps")
@@ -89,6 +107,13 @@ def _run(args: argparse.Namespace) -> int:
         if args.adapter:
             load_adapter(model, args.adapter)
         print(generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.no_chat))
+    elif args.command == "merge":
+        from .merge import merge_run
+
+        report = merge_run(
+            args.run, args.out, args.model, args.dtype, args.requantize, args.data, args.prompts
+        )
+        print(report)
     elif args.command == "demo":
         from .demo import run_demo
 

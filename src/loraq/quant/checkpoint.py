@@ -75,6 +75,13 @@ def save_quantized(model: nn.Module, tokenizer, folder: str | os.PathLike) -> Pa
 
     The folder is written atomically; tied weights (the embedding and the head) are stored once.
     """
+    with atomic_folder(folder) as tmp:
+        write_quantized(model, tokenizer, tmp)
+    return Path(folder)
+
+
+def write_quantized(model: nn.Module, tokenizer, folder: Path) -> None:
+    """`save_quantized` into an existing (temporary) folder, without the atomic rename."""
     from safetensors.torch import save_file
 
     layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
@@ -96,12 +103,10 @@ def save_quantized(model: nn.Module, tokenizer, folder: str | os.PathLike) -> Pa
         "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": ["lm_head"],
     }
-    with atomic_folder(folder) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(folder)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def load_quantized(folder: str | os.PathLike, trust_remote_code: bool = False) -> nn.Module:
