@@ -18,7 +18,7 @@ from loraq.quant.nf4 import (
     quantize_4bit,
 )
 
-SHAPES = [(64, 64), (128, 576), (7, 33), (3, 5), (576, 1536)]
+SHAPES = [(64, 64), (128, 576), (7, 33), (3, 5), (1, 6), (576, 1536)]  # (1, 6): an odd byte count
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -13,10 +13,12 @@ Cost per weight: 4 + 8/64 + 32/(64·256) = 4.127 bits with blocksize 64 (4.5 bit
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -138,8 +140,13 @@ def dequantize_4bit(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | 
     Computed in fp32 (code value times block absmax), then cast once; a fresh tensor each call.
     """
     n = state.numel
-    # One lookup per byte gives both of its values: (code[b >> 4], code[b & 15]).
-    values = _byte_pairs(state.quant_type, packed.device).index_select(0, packed.reshape(-1).int()).view(-1)[:n]
+    flat = packed.reshape(-1)
+    if flat.numel() % 2 == 0 and sys.byteorder == "little":
+        # One lookup per two bytes gives four values: read the bytes as int16 and index a 65536 x 4 table.
+        index = flat.view(torch.int16).int().add_(32768)
+        values = F.embedding(index, _word_table(state.quant_type, packed.device)).view(-1)[:n]
+    else:
+        values = F.embedding(flat.int(), _byte_pairs(state.quant_type, packed.device)).view(-1)[:n]
     absmax = state.block_absmax().to(packed.device)
     full = n - n % state.blocksize
     values[:full].view(-1, state.blocksize).mul_(absmax[: full // state.blocksize].unsqueeze(1))
@@ -151,7 +158,16 @@ def dequantize_4bit(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | 
 @cache
 def _byte_pairs(quant_type: str, device: torch.device) -> torch.Tensor:
     code = code_4bit(quant_type, device)
-    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2)
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2): byte -> (high, low)
+
+
+@cache
+def _word_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """(65536, 4): row w + 32768 holds the four values of the two bytes whose little-endian int16 is w."""
+    word = torch.arange(65536, device=device)  # == int16 value + 32768, read as unsigned bits below
+    unsigned = (word - 32768) & 0xFFFF
+    pairs = _byte_pairs(quant_type, device)
+    return torch.cat([pairs[unsigned & 255], pairs[unsigned >> 8]], dim=1).contiguous()
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
