@@ -25,7 +25,8 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(BIN)/python bench/lora_vs_peft.py
+	$(BIN)/python bench/steps.py --setups loraq-qlora,loraq-lora,peft-lora,peft-qlora --steps 5
+	$(BIN)/python bench/qlora.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

