@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
             load_adapter(model, args.adapter)
         print(generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.no_chat))
     elif args.command == "merge":
-        from .merge import merge_run
+        from .export import merge_run
 
         report = merge_run(args.run, args.out, args.model, args.dtype, args.requantize, args.data, args.prompts)
         print(report)

@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass
 
 from .errors import LoraqError
 
-METHODS = ("lora", "qlora")
+METHODS = ("lora", "qlora", "qalora")
+QALORA_BITS = (2, 3, 4, 8)
+QUANTIZERS = ("rtn", "gptq")
 INITS = ("kaiming", "gaussian")
 
 
@@ -26,7 +28,11 @@ class LoraConfig:
             except the output head.
         init: "kaiming" (kaiming-uniform with a=sqrt(5), as PEFT and loralib) or "gaussian" (N(0, 1/r)).
         use_rslora: rank-stabilised scaling alpha/sqrt(r).
-        method: "lora", or "qlora" (the frozen base stored as NF4 with double-quantized constants).
+        method: "lora"; "qlora" (the frozen base stored as NF4 with double-quantized constants); or "qalora"
+            (the base stored as group-wise INT-k, the adapter input mean-pooled over each quantization group,
+            so that the adapter merges exactly into the group offsets).
+        bits, group_size, quantizer: the INT-k base of "qalora" (k in 2, 3, 4, 8; a power-of-two group
+            size; "rtn" round-to-nearest or "gptq"). The adapter's pooling window is `group_size`.
         adapter_name: name of the adapter inside the model; several may coexist, one active.
     """
 
@@ -38,6 +44,9 @@ class LoraConfig:
     use_rslora: bool = False
     method: str = "lora"
     adapter_name: str = "default"
+    bits: int = 4
+    group_size: int = 32
+    quantizer: str = "rtn"
 
     def __post_init__(self) -> None:
         problems = []
@@ -51,6 +60,13 @@ class LoraConfig:
             problems.append(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.method not in METHODS:
             problems.append(f"method (--method) must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.bits not in QALORA_BITS or isinstance(self.bits, bool):
+            problems.append(f"bits (--bits) must be one of {', '.join(map(str, QALORA_BITS))}, got {self.bits!r}")
+        gs = self.group_size
+        if isinstance(gs, bool) or not isinstance(gs, int) or gs < 2 or gs & (gs - 1):
+            problems.append(f"group_size (--group-size) must be a power of two >= 2, got {gs!r}")
+        if self.quantizer not in QUANTIZERS:
+            problems.append(f"quantizer (--quantizer) must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
         if not self.adapter_name or not re.fullmatch(r"[A-Za-z0-9_\-]+", self.adapter_name):
             problems.append(f"adapter_name must be letters, digits, '_' or '-', got {self.adapter_name!r}")
         if isinstance(self.targets, str):
@@ -69,6 +85,11 @@ class LoraConfig:
         self.dropout = float(self.dropout)
         if not isinstance(self.targets, str):
             self.targets = list(self.targets)
+
+    @property
+    def pool(self) -> int:
+        """Input columns averaged before A: the group size for QA-LoRA, 1 for LoRA and QLoRA."""
+        return self.group_size if self.method == "qalora" else 1
 
     @property
     def scaling(self) -> float:

@@ -14,7 +14,9 @@ from torch import nn
 from .config import LoraConfig
 from .errors import LoraqError
 from .lora import LoraLinear
-from .quant.linear import NF4Linear
+from .quant.linear import IntLinear, NF4Linear
+
+QUANTIZED = (NF4Linear, IntLinear)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -25,7 +27,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if wrapped and name.startswith(wrapped):
             continue  # the base layer inside a LoraLinear is not a target of its own
-        if isinstance(module, (LoraLinear, NF4Linear)) or (isinstance(module, nn.Linear) and module is not head):
+        if isinstance(module, (LoraLinear, *QUANTIZED)) or (isinstance(module, nn.Linear) and module is not head):
             names.append(name)
     return names
 
@@ -68,6 +70,8 @@ def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
         LoraqError: no layer matches `config.targets`, or the adapter name is taken.
     """
     names = find_targets(model, config.targets)
+    if config.pool > 1:
+        _check_pooling(model, names, config.pool)
     active = next((layer.active for layer in lora_layers(model).values() if layer.active), config.adapter_name)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -83,6 +87,23 @@ def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
     model.loraq_configs = {**getattr(model, "loraq_configs", {}), config.adapter_name: config}
     set_active_adapter(model, active)
     return model
+
+
+def _check_pooling(model: nn.Module, names: list[str], pool: int) -> None:
+    """QA-LoRA pooling windows must be the base's quantization groups, or the merge would not be exact."""
+    for name in names:
+        module = model.get_submodule(name)
+        base = module.base if isinstance(module, LoraLinear) else module
+        if not isinstance(base, IntLinear):
+            raise LoraqError(
+                f"QA-LoRA (method qalora) needs an INT-k quantized base, but layer {name} is "
+                f"{type(base).__name__}; quantize the model with quantize_model_int first"
+            )
+        if base.group_size != pool:
+            raise LoraqError(
+                f"QA-LoRA pooling window {pool} (--group-size) does not match layer {name}'s quantization "
+                f"groups of {base.group_size}; the adapter could not merge exactly"
+            )
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -121,13 +142,15 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights and remove every adapter (PEFT's merge_and_unload).
 
     Returns the same model object, now a plain transformers model with no LoRA layers, computing what
-    the adapted model computed with no added latency.
+    the adapted model computed with no added latency. A QA-LoRA adapter leaves its INT-k layers INT-k
+    (offsets changed, codes untouched); an NF4 base, or an INT-k base under a plain LoRA, is dequantized.
     """
     for name, layer in lora_layers(model).items():
-        if isinstance(layer.base, NF4Linear):
+        pooled = layer.active is not None and layer.adapters[layer.active].pool > 1
+        if isinstance(layer.base, NF4Linear) or (isinstance(layer.base, IntLinear) and not pooled):
             _replace_module(model, name, _merged_linear(layer))
         else:
-            layer.merge()
+            layer.merge()  # nn.Linear: into the weight; IntLinear + QA-LoRA: exactly into the group offsets
             _replace_module(model, name, layer.base)
     if hasattr(model, "loraq_configs"):
         del model.loraq_configs
@@ -168,7 +191,7 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     # a 4-bit layer holds its weight in buffers; count it as the parameters it stands for
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QUANTIZED))
     return ParameterSummary(trainable, total)
 
 
@@ -183,7 +206,7 @@ def _merged_linear(layer: LoraLinear) -> nn.Linear:
         linear.weight.copy_(weight)
         if base.bias is not None:
             linear.bias.copy_(base.bias)
-    return linear.to(base.weight_dtype).requires_grad_(False)
+    return linear.to(getattr(base, "weight_dtype", torch.float32)).requires_grad_(False)
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -6,6 +6,11 @@
 
 B starts at zero, so a fresh adapter leaves the model unchanged. Merging adds s·B·A into W0 (computed in
 float32, then cast), so a merged model costs nothing extra at inference; unmerging subtracts it again.
+
+QA-LoRA (pool = L > 1): the input is mean-pooled over each group of L consecutive columns before A, which
+is (r, in/L). The update s·B·A·mean_g(x) equals x times a weight that is constant inside every group,
+s·(BA)[o, g]/L, so it merges exactly into an INT-k base's per-group offsets (`IntLinear.add_to_offsets`)
+when L is the base's group size; its full-width form (`delta_weight`) repeats each column L times.
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ from .errors import LoraqError
 
 
 class LoraAdapter(nn.Module):
-    """One low-rank update: A (r, in), B (out, r), its scaling and its dropout."""
+    """One low-rank update: A (r, in / pool), B (out, r), its scaling, its dropout and its pooling window."""
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig):
         super().__init__()
         self.r = config.r
         self.scaling = config.scaling
-        self.A = nn.Parameter(torch.empty(config.r, in_features))
+        self.pool = config.pool
+        if in_features % self.pool:
+            raise LoraqError(f"group size {self.pool} does not divide the layer's input size {in_features}")
+        self.A = nn.Parameter(torch.empty(config.r, in_features // self.pool))
         self.B = nn.Parameter(torch.zeros(out_features, config.r))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if config.init == "gaussian":
@@ -37,12 +45,24 @@ class LoraAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x.to(self.A.dtype))
+        if self.pool > 1:
+            x = x.unflatten(-1, (-1, self.pool)).mean(dim=-1)
         # Scale the r-wide intermediate rather than the out-wide result: same value, fewer multiplies.
         return F.linear(F.linear(x, self.A) * self.scaling, self.B)
 
+    def group_delta(self) -> torch.Tensor:
+        """s·(B·A)/pool in float32, shape (out, in / pool): the weight change of each group's columns."""
+        return (self.B.float() @ self.A.float()) * (self.scaling / self.pool)
+
     def delta_weight(self) -> torch.Tensor:
-        """s·B·A in float32, shape (out, in)."""
-        return (self.B.float() @ self.A.float()) * self.scaling
+        """The full-width weight change in float32, shape (out, in): s·B·A, pooled columns repeated."""
+        delta = self.group_delta()
+        return delta.repeat_interleave(self.pool, dim=1) if self.pool > 1 else delta
+
+    def expanded_A(self) -> torch.Tensor:
+        """A as a plain LoRA A of shape (r, in): each pooled column repeated pool times, divided by pool."""
+        a = self.A.detach().float()
+        return a.repeat_interleave(self.pool, dim=1) / self.pool if self.pool > 1 else a
 
 
 class LoraLinear(nn.Module):
@@ -91,8 +111,17 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the active adapter into the base weight (in float32, then cast back)."""
+        """Add the active adapter into the base weight (in float32, then cast back).
+
+        A QA-LoRA adapter on an INT-k base with its group size goes into the group offsets instead: the
+        base keeps its codes and its format. Other quantized bases cannot be merged in place.
+        """
         if self.merged is not None or self.active is None:
+            return
+        adapter = self.adapters[self.active]
+        if getattr(self.base, "group_size", None) == adapter.pool > 1:
+            self.base.add_to_offsets(adapter.group_delta())
+            self.merged = self.active
             return
         if not isinstance(self.base, nn.Linear):
             raise LoraqError("a quantized base cannot be merged in place; use loraq.merge(model), which dequantizes")
@@ -105,10 +134,15 @@ class LoraLinear(nn.Module):
         """Subtract the merged adapter from the base weight again."""
         if self.merged is None:
             return
+        adapter = self.adapters[self.merged]
+        if getattr(self.base, "group_size", None) == adapter.pool > 1:
+            self.base.add_to_offsets(-adapter.group_delta())  # exact up to the fp16 rounding of the offsets
+            self.merged = None
+            return
         w = self.base.weight
         w.copy_((w.float() - self.adapters[self.merged].delta_weight().to(w.device)).to(w.dtype))
         self.merged = None
 
     def extra_repr(self) -> str:
-        ranks = {name: a.r for name, a in self.adapters.items()}
+        ranks = {name: a.r if a.pool == 1 else f"{a.r} (pool {a.pool})" for name, a in self.adapters.items()}
         return f"adapters={ranks}, active={self.active!r}, merged={self.merged!r}"

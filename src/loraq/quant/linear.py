@@ -12,12 +12,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraqError
+from .intk import (
+    check_bits_and_group,
+    dequantize_int,
+    pack_codes,
+    quantize_gptq,
+    quantize_rtn,
+    relative_error,
+    unpack_codes,
+)
 from .nf4 import NF4State, dequantize_4bit, quantize_4bit
 
 
 class _FrozenMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear | IntLinear) -> torch.Tensor:
         ctx.layer = layer
         return F.linear(x, layer.dequantize(x.dtype))
 
@@ -90,6 +99,65 @@ class NF4Linear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.quant_type}, blocksize={self.blocksize}"
 
 
+class IntLinear(nn.Module):
+    """A frozen linear layer stored as group-wise INT-k codes with an fp16 scale and offset per group.
+
+    w[o, j] = codes[o, j]·scale[o, g] + offset[o, g] with g = j // group_size. The offsets are where a
+    QA-LoRA adapter merges (`add_to_offsets`), which leaves the codes and the storage format unchanged.
+    """
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor,
+        bits: int,
+        bias: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group_size = self.in_features // scale.shape[1]
+        check_bits_and_group(bits, self.group_size, self.in_features)
+        if scale.shape != offset.shape or scale.shape[0] != self.out_features:
+            shapes = f"scale {tuple(scale.shape)}, offset {tuple(offset.shape)}, codes {tuple(codes.shape)}"
+            raise ValueError(f"{shapes} do not fit together")
+        self.bits = bits
+        self.compute_dtype: torch.dtype | None = None
+        self.register_buffer("packed", pack_codes(codes, bits))
+        self.register_buffer("scale", scale.detach().half().contiguous())
+        self.register_buffer("offset", offset.detach().half().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def codes(self) -> torch.Tensor:
+        """The k-bit codes, uint8 (out, in)."""
+        n = self.out_features * self.in_features
+        return unpack_codes(self.packed, self.bits, n).view(self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight, (out, in), in `dtype`; a fresh tensor each call."""
+        return dequantize_int(self.codes(), self.scale, self.offset, dtype)
+
+    @torch.no_grad()
+    def add_to_offsets(self, delta: torch.Tensor) -> None:
+        """offset[o, g] += delta[o, g] (computed in fp32, stored fp16): the exact QA-LoRA merge."""
+        if delta.shape != self.offset.shape:
+            raise ValueError(f"offset delta has shape {tuple(delta.shape)}, expected {tuple(self.offset.shape)}")
+        self.offset.copy_((self.offset.float() + delta.float().to(self.offset.device)).half())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype_for(x, self.compute_dtype)
+        y = _FrozenMatmul.apply(x.to(dtype), self)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype)
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, int{self.bits}, group_size={self.group_size}"
+
+
 def quantize_model(
     model: nn.Module, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True
 ) -> nn.Module:
@@ -110,6 +178,93 @@ def quantize_model(
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+QUANTIZERS = ("rtn", "gptq")
+
+
+def quantizable_linear_names(model: nn.Module) -> list[str]:
+    """Every plain nn.Linear except the output head: the layers the quantizers replace."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+
+
+def quantize_model_int(
+    model: nn.Module,
+    bits: int = 4,
+    group_size: int = 32,
+    quantizer: str = "rtn",
+    hessians: dict[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Replace every linear layer except the output head by a frozen IntLinear, one layer at a time.
+
+    Args:
+        quantizer: "rtn" (round to nearest) or "gptq" (needs `hessians`, see `collect_hessians`).
+
+    Returns:
+        The relative reconstruction error ||W - Ŵ||/||W|| of each layer, by name.
+
+    Raises:
+        LoraqError: bad bits or quantizer, or a group size that does not divide a layer's input size
+            (checked for every layer before any is replaced).
+    """
+    if quantizer not in QUANTIZERS:
+        raise LoraqError(f"--quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
+    if quantizer == "gptq" and not hessians:
+        raise LoraqError("the gptq quantizer needs calibration statistics (collect_hessians)")
+    names = quantizable_linear_names(model)
+    if not names:
+        raise LoraqError("quantize: the model has no linear layers besides the output head")
+    for name in names:
+        layer = model.get_submodule(name)
+        try:
+            check_bits_and_group(bits, group_size, layer.in_features, f" of layer {name}")
+        except ValueError as e:
+            option = "--bits" if "bits" in str(e) else "--group-size"
+            raise LoraqError(f"{option}: {e}") from None
+    errors = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        weight = layer.weight.detach()
+        if quantizer == "gptq":
+            codes, scale, offset = quantize_gptq(weight.cpu(), hessians[name], bits, group_size)
+        else:
+            codes, scale, offset = quantize_rtn(weight.cpu(), bits, group_size)
+        new = IntLinear(codes, scale, offset, bits, layer.bias).to(weight.device)
+        errors[name] = relative_error(weight.cpu(), new.dequantize().cpu())
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return errors
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Σ xᵀx of the inputs of every quantizable linear layer over `batches` (dicts with input_ids and
+    attention_mask); padded positions are left out. All layers are measured in one pass of the
+    full-precision model."""
+    names = quantizable_linear_names(model)
+    sums = {n: torch.zeros(model.get_submodule(n).in_features, model.get_submodule(n).in_features) for n in names}
+    mask: list[torch.Tensor] = []
+
+    def hook(name: str):
+        def record(module, args, output) -> None:
+            x = args[0].detach().float()
+            x = x[mask[0].bool()] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
+            sums[name] += (x.T @ x).cpu()
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        for batch in batches:
+            mask[:] = [batch["attention_mask"]]
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
 
 
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 import loraq
 from loraq import LoraqError
 from loraq.cli import main
-from loraq.merge import merge_run
+from loraq.export import merge_run
 from loraq.quant.linear import NF4Linear
 
 
