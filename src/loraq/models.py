@@ -14,7 +14,8 @@ from torch import nn
 from .atomic import atomic_folder
 from .errors import LoraqError
 from .fetch import SMOLLM2_GGUF, cache_dir, fetch
-from .quant.checkpoint import is_quantized_folder
+from .quant.checkpoint import is_quantized_folder, load_quantized, load_quantizing
+from .quant.linear import QuantizeLayer, quantize_linears
 
 DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}
@@ -60,6 +61,7 @@ def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    quantize_layer: QuantizeLayer | None = None,
 ) -> tuple[nn.Module, object]:
     """Load a causal language model and its tokenizer.
 
@@ -69,6 +71,9 @@ def load_model(
             re-quantizing), a local .gguf file, or a hub id (needs network).
         dtype: parameter dtype (float32 by default, as CPU training wants).
         trust_remote_code: allow a hub model's own Python code to run. Off unless you ask.
+        quantize_layer: quantize every linear layer but the head while loading (`nf4_layers()`,
+            `int_layers(4, 32)`): from a local safetensors folder (the default model's included) layer by
+            layer, so the full-precision model is never whole in memory; from other sources after loading.
 
     Returns:
         (model, tokenizer), the model in eval mode; the tokenizer always has a pad token.
@@ -76,25 +81,65 @@ def load_model(
     Raises:
         LoraqError: the folder or file is missing or cannot be loaded.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name.lower() in _ALIASES:
+        path = default_model_dir()
+    if quantize_layer is not None and path.is_dir() and any(path.glob("*.safetensors")):
+        if is_quantized_folder(path):
+            raise LoraqError(f"model {name!r} is already quantized; load it without quantizing again")
+        model = load_quantizing(path, quantize_layer, trust_remote_code)
+        return _finish(model, _load_tokenizer(path, trust_remote_code))
+    model, tokenizer = _load_any(name, path, dtype, trust_remote_code)
+    if quantize_layer is not None:
+        quantize_linears(model, quantize_layer)
+    return _finish(model, tokenizer)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The tokenizer of a model (any source `load_model` accepts), with a pad token, without the model."""
+    from transformers import AutoTokenizer
 
     name = str(name_or_path)
     path = Path(name).expanduser()
     if name.lower() in _ALIASES:
-        source, kwargs = default_model_dir(), {}
-    elif path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = _load_gguf(path)
-        return _finish(model.to(dtype), tokenizer)
-    elif path.is_dir() and is_quantized_folder(path):
-        from .quant.checkpoint import load_quantized
+        path = default_model_dir()
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        elif path.is_dir():
+            tokenizer = _load_tokenizer(path, trust_remote_code)
+        elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise LoraqError(f"model {name!r}: no such model folder or .gguf file")
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except LoraqError:
+        raise
+    except Exception as e:
+        raise LoraqError(f"could not load the tokenizer of {name!r}: {type(e).__name__}: {e}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
-        model = load_quantized(path, trust_remote_code=trust_remote_code)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        except Exception as e:
-            raise LoraqError(f"could not load the tokenizer in {path}: {type(e).__name__}: {e}") from None
-        return _finish(model, tokenizer)
-    elif path.is_dir():
+
+def _load_tokenizer(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise LoraqError(f"could not load the tokenizer in {path}: {type(e).__name__}: {e}") from None
+
+
+def _load_any(name: str, path: Path, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.is_file() and path.suffix == ".gguf":
+        model, tokenizer = _load_gguf(path)
+        return model.to(dtype), tokenizer
+    if path.is_dir() and is_quantized_folder(path):
+        return load_quantized(path, trust_remote_code=trust_remote_code), _load_tokenizer(path, trust_remote_code)
+    if path.is_dir():
         if not (path / "config.json").is_file():
             raise LoraqError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")
         source, kwargs = path, {"local_files_only": True}
@@ -107,7 +152,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, safetensors errors...
         raise LoraqError(f"could not load model {name!r}: {type(e).__name__}: {e}") from None
-    return _finish(model, tokenizer)
+    return model, tokenizer
 
 
 def _finish(model: nn.Module, tokenizer):

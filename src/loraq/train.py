@@ -25,9 +25,9 @@ from .config import LoraConfig
 from .data import IGNORE_INDEX, encode_all, load_examples, ordered_batches, shuffled_batches, split_by_group
 from .errors import LoraqError
 from .inject import apply, parameter_summary
-from .models import DEFAULT_MODEL, load_model
+from .methods import prepare_base
+from .models import DEFAULT_MODEL, load_tokenizer
 from .peft_format import save_adapter
-from .quant.linear import NF4Linear, quantize_model
 
 
 def _opt(default, help: str):
@@ -40,7 +40,9 @@ class TrainConfig:
 
     model: str = _opt(DEFAULT_MODEL, "model: 'smollm2-135m', a Hugging Face folder, a .gguf file or a hub id")
     data: str = _opt("e2e", "data: 'e2e' (default task), a prompt/completion .jsonl or a bigbench task .json")
-    method: str = _opt("lora", "fine-tuning method: lora, or qlora (NF4 4-bit base with double quantization)")
+    method: str = _opt(
+        "lora", "lora; qlora (NF4 4-bit base, double quantization); qalora (INT-k base, group-pooled adapter)"
+    )
     rank: int = _opt(16, "LoRA rank r")
     alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/rank")
     dropout: float = _opt(0.0, "dropout on the adapter input")
@@ -48,6 +50,9 @@ class TrainConfig:
         "all-linear", "layers to adapt: 'all-linear', names like q_proj,v_proj, or re:REGEX"
     )
     use_rslora: bool = _opt(False, "rank-stabilised scaling alpha/sqrt(rank)")
+    bits: int = _opt(4, "qalora: bits of the INT-k base (2, 3, 4 or 8)")
+    group_size: int = _opt(32, "qalora: quantization group size = the adapter's pooling window")
+    quantizer: str = _opt("rtn", "qalora: rtn (round to nearest; a Q4_1 GGUF's own codes at 4 bits, g32) or gptq")
     steps: int = _opt(100, "optimizer steps")
     batch_size: int = _opt(8, "examples per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
@@ -123,6 +128,9 @@ class TrainConfig:
                 targets=self.targets,
                 use_rslora=self.use_rslora,
                 method=self.method,
+                bits=self.bits,
+                group_size=self.group_size,
+                quantizer=self.quantizer,
             )
         except LoraqError as e:
             problems.append(str(e).removeprefix("invalid LoRA config: "))
@@ -264,8 +272,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     torch.manual_seed(config.seed)
     out = Path(config.out)
     device, dtype = resolve_device(config)
-    if model is None:
-        model, tokenizer = load_model(config.model)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model)
     splits = split_by_group(load_examples(config.data))
     train_items, dropped = encode_all(tokenizer, splits.train, config.max_length)
     val_items, dropped_val = encode_all(tokenizer, splits.val or splits.test, config.max_length)
@@ -277,9 +285,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         )
     pad_id = tokenizer.pad_token_id
 
+    model, tokenizer, quant_errors = prepare_base(config.model, config.lora, train_items, pad_id, model, tokenizer)
     model.to(device)
-    if config.method == "qlora" and not any(isinstance(m, NF4Linear) for m in model.modules()):
-        quantize_model(model)
     apply(model, config.lora)
     if config.grad_checkpoint:
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -293,6 +300,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     print(f"loraq: {parameter_summary(model)}")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    if quant_errors:
+        atomic_write_text(out / "quantization.json", json.dumps({"relative_error": quant_errors}, indent=1) + "\n")
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
 

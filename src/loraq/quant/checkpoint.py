@@ -14,7 +14,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -116,21 +116,100 @@ def load_quantized(folder: str | os.PathLike, trust_remote_code: bool = False) -
         LoraqError: the folder is not a 4-bit checkpoint, or a tensor is missing, of the wrong dtype or size,
             or unreadable; the message names the file and the tensor.
     """
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     folder = Path(folder)
+    tensors, where = _read_tensors(folder, lazy=False)
+    model = _skeleton(folder, trust_remote_code)
+    for name in _linear_names(model):
+        key = f"{name}.weight"
+        if f"{key}.absmax" not in tensors:
+            continue  # stored unquantized: loaded below like any other tensor
+        module = model.get_submodule(name)
+        packed, state = _layer_state(tensors, key, (module.out_features, module.in_features), where)
+        bias = tensors.pop(f"{name}.bias", None)
+        _set_module(model, name, NF4Linear(packed, state, bias))
+    return _load_rest(model, tensors, where)
+
+
+def load_quantizing(
+    folder: str | os.PathLike,
+    quantize_layer: Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module],
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a full-precision safetensors folder, quantizing each linear layer (but the head) as it is read.
+
+    The full-precision model is never whole in memory: peak memory is the quantized model plus one layer
+    in fp32. `quantize_layer(name, weight, bias)` returns the frozen quantized module.
+    """
+    folder = Path(folder)
+    tensors, where = _read_tensors(folder, lazy=True)
+    model = _skeleton(folder, trust_remote_code)
+    for name in _linear_names(model):
+        key = f"{name}.weight"
+        if key not in tensors:
+            raise LoraqError(f"{where}: tensor {key} is missing")
+        weight = tensors.pop(key).float()
+        bias = tensors.pop(f"{name}.bias", None)
+        module = model.get_submodule(name)
+        if tuple(weight.shape) != (module.out_features, module.in_features):
+            raise LoraqError(
+                f"{where}: tensor {key} has shape {tuple(weight.shape)}, the model expects "
+                f"{(module.out_features, module.in_features)}"
+            )
+        _set_module(model, name, quantize_layer(name, weight, None if bias is None else bias.float()))
+        del weight
+    return _load_rest(model, tensors, where)
+
+
+class _LazyTensors(dict):
+    """key -> tensor, read from its safetensors file on first access (one layer at a time)."""
+
+    def __init__(self, handles: dict[str, object]):
+        super().__init__({k: None for k in handles})
+        self.handles = handles
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = super().__getitem__(key)
+        return self.handles[key].get_tensor(key) if value is None else value
+
+    def pop(self, key: str, default=None):
+        if key not in self:
+            return default
+        value = self[key]
+        super().pop(key)
+        return value
+
+    def items(self):
+        return [(k, self[k]) for k in list(self.keys())]
+
+
+def _read_tensors(folder: Path, lazy: bool) -> tuple[dict[str, torch.Tensor], Path]:
+    from safetensors import safe_open
+
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise LoraqError(f"{folder}: no .safetensors file")
-    tensors: dict[str, torch.Tensor] = {}
+    handles: dict[str, object] = {}
     for path in files:
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    tensors[key] = f.get_tensor(key)
+            f = safe_open(str(path), framework="pt")
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                handles[key] = f
         except Exception as e:  # safetensors raises SafetensorError/OSError for truncated or lying headers
             raise LoraqError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    where = files[0] if len(files) == 1 else folder
+    tensors = _LazyTensors(handles)
+    if lazy:
+        return tensors, where
+    try:
+        return {k: v for k, v in tensors.items()}, where
+    except Exception as e:
+        raise LoraqError(f"{where}: a tensor cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _skeleton(folder: Path, trust_remote_code: bool) -> nn.Module:
+    """The model of folder/config.json with parameters on the meta device (no memory yet)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -139,30 +218,36 @@ def load_quantized(folder: str | os.PathLike, trust_remote_code: bool = False) -
         del config.quantization_config
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    model.name_or_path = str(folder)
+    return model
+
+
+def _linear_names(model: nn.Module) -> list[str]:
     head = model.get_output_embeddings()
-    where = files[0] if len(files) == 1 else folder
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or module is head:
-            continue
-        key = f"{name}.weight"
-        if f"{key}.absmax" not in tensors:
-            continue  # stored unquantized: loaded below like any other tensor
-        packed, state = _layer_state(tensors, key, (module.out_features, module.in_features), where)
-        bias = tensors.pop(f"{name}.bias", None)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, NF4Linear(packed, state, bias))
-    quantized = {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> nn.Module:
+    """Check and assign every tensor not consumed by a quantized layer; tie weights; freeze."""
+    quantized = {n for n, m in model.named_modules() if not isinstance(m, nn.Linear) and hasattr(m, "dequantize")}
     expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in quantized}
     missing = sorted(k for k in expected - set(tensors) if not _tied_head(model, k))
     unexpected = sorted(set(tensors) - expected)
     if missing or unexpected:
         raise LoraqError(f"{where}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    for k, v in tensors.items():
-        want = shapes[k]
-        if tuple(v.shape) != tuple(want):
-            raise LoraqError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(want)}")
-    model.load_state_dict(tensors, strict=False, assign=True)
+    rest = {}
+    for k in list(tensors):
+        v = tensors.pop(k)
+        if tuple(v.shape) != tuple(shapes[k]):
+            raise LoraqError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(shapes[k])}")
+        rest[k] = v.float() if v.is_floating_point() else v
+    model.load_state_dict(rest, strict=False, assign=True)
     model.tie_weights()
     for p in model.parameters():
         p.requires_grad_(False)

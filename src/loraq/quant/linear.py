@@ -7,6 +7,8 @@ Nothing is cached between calls, so no inference call can change how a later tra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -158,26 +160,58 @@ class IntLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, int{self.bits}, group_size={self.group_size}"
 
 
-def quantize_model(
-    model: nn.Module, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True
-) -> nn.Module:
-    """Replace every linear layer except the output head by a frozen NF4Linear, one layer at a time.
+QuantizeLayer = Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module]
 
-    Each full-precision weight is released as soon as its layer is replaced, so peak memory is the
-    full-precision model plus one layer being quantized. Layers already adapted must be quantized before
-    adapters are attached (adapt after quantizing, as QLoRA does).
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+
+def nf4_layers(blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True) -> QuantizeLayer:
+    """A `quantize_layer` function making frozen NF4Linear layers (for `load_model` / `quantize_linears`)."""
+
+    def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        packed, state = quantize_4bit(weight, blocksize, quant_type, double_quant)
+        return NF4Linear(packed, state, bias)
+
+    return make
+
+
+def int_layers(bits: int = 4, group_size: int = 32) -> QuantizeLayer:
+    """A `quantize_layer` function making frozen round-to-nearest IntLinear layers."""
+
+    def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        try:
+            check_bits_and_group(bits, group_size, weight.shape[1], f" of layer {name}")
+        except ValueError as e:
+            raise LoraqError(f"{'--bits' if 'bits must' in str(e) else '--group-size'}: {e}") from None
+        return IntLinear(*quantize_rtn(weight, bits, group_size), bits, bias)
+
+    return make
+
+
+def quantize_linears(model: nn.Module, quantize_layer: QuantizeLayer) -> nn.Module:
+    """Replace every linear layer except the output head by `quantize_layer(name, weight, bias)`, one at a
+    time, releasing each full-precision weight as its layer is replaced; freeze all parameters."""
+    names = quantizable_linear_names(model)
     if not names:
         raise LoraqError("quantize: the model has no linear layers besides the output head")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, NF4Linear.quantize(getattr(parent, child), blocksize, quant_type, double_quant))
+        layer = getattr(parent, child)
+        new = quantize_layer(name, layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
+        setattr(parent, child, new.to(layer.weight.device))
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def quantize_model(
+    model: nn.Module, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True
+) -> nn.Module:
+    """Replace every linear layer except the output head by a frozen NF4Linear, one layer at a time.
+
+    Adapt after quantizing, as QLoRA does. To avoid holding the full-precision model at all, quantize
+    while loading instead: `load_model(name, quantize_layer=nf4_layers())`.
+    """
+    return quantize_linears(model, nf4_layers(blocksize, quant_type, double_quant))
 
 
 QUANTIZERS = ("rtn", "gptq")
@@ -212,30 +246,23 @@ def quantize_model_int(
         raise LoraqError(f"--quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
     if quantizer == "gptq" and not hessians:
         raise LoraqError("the gptq quantizer needs calibration statistics (collect_hessians)")
-    names = quantizable_linear_names(model)
-    if not names:
-        raise LoraqError("quantize: the model has no linear layers besides the output head")
-    for name in names:
-        layer = model.get_submodule(name)
+    for name in quantizable_linear_names(model):
         try:
-            check_bits_and_group(bits, group_size, layer.in_features, f" of layer {name}")
+            check_bits_and_group(bits, group_size, model.get_submodule(name).in_features, f" of layer {name}")
         except ValueError as e:
-            option = "--bits" if "bits" in str(e) else "--group-size"
-            raise LoraqError(f"{option}: {e}") from None
-    errors = {}
-    for name in names:
-        layer = model.get_submodule(name)
-        weight = layer.weight.detach()
+            raise LoraqError(f"{'--bits' if 'bits must' in str(e) else '--group-size'}: {e}") from None
+    errors: dict[str, float] = {}
+
+    def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        w = weight.float().cpu()
         if quantizer == "gptq":
-            codes, scale, offset = quantize_gptq(weight.cpu(), hessians[name], bits, group_size)
+            layer = IntLinear(*quantize_gptq(w, hessians[name], bits, group_size), bits, bias)
         else:
-            codes, scale, offset = quantize_rtn(weight.cpu(), bits, group_size)
-        new = IntLinear(codes, scale, offset, bits, layer.bias).to(weight.device)
-        errors[name] = relative_error(weight.cpu(), new.dequantize().cpu())
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    for p in model.parameters():
-        p.requires_grad_(False)
+            layer = IntLinear(*quantize_rtn(w, bits, group_size), bits, bias)
+        errors[name] = relative_error(w, layer.dequantize())
+        return layer
+
+    quantize_linears(model, make)
     return errors
 
 
