@@ -1,5 +1,8 @@
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import loraq
@@ -7,7 +10,8 @@ from loraq import LoraConfig, LoraqError
 from loraq.inject import lora_layers
 from loraq.lora import LoraLinear
 from loraq.quant.intk import quantize_rtn
-from loraq.quant.linear import IntLinear, quantize_model_int
+from loraq.quant.gptq_format import gptq_tensors, int_layer_from_gptq
+from loraq.quant.linear import IntLinear, dequantize_linears, quantize_model_int
 
 
 def int_layer(bits=4, group_size=32, out_features=48, in_features=128, bias=True, seed=0):
@@ -93,3 +97,98 @@ def test_a_group_size_that_does_not_divide_a_layer_is_named(tiny):
         quantize_model_int(model, bits=4, group_size=256)
     with pytest.raises(LoraqError, match="bits"):
         LoraConfig(method="qalora", bits=5)
+
+
+# --- training, saving, merging and exporting a QA-LoRA run (tiny model, RTN INT4 g32) -------------------
+
+
+@pytest.fixture(scope="module")
+def qalora_run(tmp_path_factory, tiny_model_dir):
+    from test_train import config as train_config
+
+    tmp = tmp_path_factory.mktemp("qalora")
+    cfg = train_config(tmp, tiny_model_dir, method="qalora", bits=4, group_size=32, steps=8, eval_every=0)
+    return loraq.train(cfg, progress=False)
+
+
+def test_qalora_trains_and_saves_its_quantization_report(qalora_run):
+    assert qalora_run.val_loss_after < qalora_run.val_loss_before
+    layers = lora_layers(qalora_run.model)
+    assert all(isinstance(layer.base, IntLinear) for layer in layers.values())
+    assert all(layer.adapters["default"].A.shape[1] == layer.in_features // 32 for layer in layers.values())
+    report = json.loads((qalora_run.out / "quantization.json").read_text())
+    assert len(report["relative_error"]) == 14
+
+
+def test_saved_adapter_pools_again_on_an_int_base_and_expands_for_peft(qalora_run, tiny_model_dir, tokens):
+    adapter = qalora_run.out / "adapter"
+    with torch.no_grad():
+        trained = qalora_run.model(tokens).logits
+    base, _ = loraq.load_model(tiny_model_dir)
+    quantize_model_int(base, 4, 32)
+    loraq.load_adapter(base, adapter)
+    layer = next(iter(lora_layers(base).values()))
+    assert layer.adapters["default"].pool == 32 and layer.adapters["default"].A.shape[1] == layer.in_features // 32
+    with torch.no_grad():
+        torch.testing.assert_close(base(tokens).logits, trained, rtol=0, atol=0)
+    # PEFT loads the expanded adapter onto the dequantized INT base and computes the pooled forward
+    from peft import PeftModel
+
+    plain, _ = loraq.load_model(tiny_model_dir)
+    quantize_model_int(plain, 4, 32)
+    dequantize_linears(plain)
+    peft_model = PeftModel.from_pretrained(plain, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(tokens).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_an_adapter_for_other_groups_is_refused(qalora_run, tiny_model_dir):
+    base, _ = loraq.load_model(tiny_model_dir)
+    quantize_model_int(base, 4, 64)
+    with pytest.raises(LoraqError, match="pools groups of 32 columns, but layer .* groups of 64"):
+        loraq.load_adapter(base, qalora_run.out / "adapter")
+
+
+def test_merge_to_hf_is_exact_and_gptq_reports_its_rounding(qalora_run, tmp_path, tokens):
+    from transformers import AutoModelForCausalLM
+
+    from loraq.export import merge_run
+
+    hf = merge_run(qalora_run.out, tmp_path / "hf", dtype="fp32")
+    assert hf.error < 1e-3
+    with torch.no_grad():
+        expected = qalora_run.model(tokens).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(tokens).logits
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-3
+    gptq = merge_run(qalora_run.out, tmp_path / "gptq", format="gptq")
+    assert gptq.exact_error is not None and gptq.exact_error < gptq.error
+    config = json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())
+    assert config["bits"] == 4 and config["group_size"] == 32 and config["sym"] is False and not config["desc_act"]
+    tensors = load_file(tmp_path / "gptq" / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj"
+    assert tensors[f"{key}.qweight"].shape == (128 * 4 // 32, 64) and tensors[f"{key}.qweight"].dtype == torch.int32
+    assert tensors[f"{key}.qzeros"].shape == (128 // 32, 64 * 4 // 32)
+    assert tensors[f"{key}.scales"].shape == (4, 64) and tensors[f"{key}.g_idx"].tolist() == [
+        i // 32 for i in range(128)
+    ]
+    peft = merge_run(qalora_run.out, tmp_path / "peft", format="peft")
+    assert peft.error < 1e-4
+
+
+def test_gptq_tensors_round_trip_the_codes_and_scales():
+    layer = int_layer(bits=4, seed=3)
+    tensors, weight = gptq_tensors(layer)
+    back = int_layer_from_gptq(tensors, 4, 32)
+    assert torch.equal(back.codes(), layer.codes()) and torch.equal(back.scale, layer.scale)
+    torch.testing.assert_close(back.dequantize(), weight, rtol=1e-3, atol=1e-4)
+    with pytest.raises(LoraqError, match="GPTQ export supports 2, 4, 8 bits, not 3"):
+        gptq_tensors(int_layer(bits=3))
+
+
+def test_gptq_quantizer_run(tmp_path, tiny_model_dir):
+    from test_train import config as train_config
+
+    cfg = train_config(tmp_path, tiny_model_dir, method="qalora", quantizer="gptq", bits=3, steps=2, eval_every=0)
+    result = loraq.train(cfg, progress=False)
+    assert all(layer.base.bits == 3 for layer in lora_layers(result.model).values())
+    assert (tmp_path / "run" / "quantization.json").is_file()

@@ -50,18 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "merge",
-        help="merge a run's adapter into its base and write a Hugging Face folder",
-        description="Merge an adapter into its base model (for QLoRA: the dequantized NF4 base) and write a "
-        "folder that transformers loads; the error each rounding adds is measured on validation prompts.",
+        help="merge a run's adapter into its base and export it (hf, gguf, gptq, peft)",
+        description="Merge an adapter into the base it was trained on (QLoRA: the dequantized NF4 base; "
+        "QA-LoRA: exactly into the INT-k group offsets) and write it; the error each rounding adds is "
+        "measured on validation prompts.",
     )
     p.add_argument("run", help="run folder written by `loraq train`, or a PEFT adapter folder")
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--out", required=True, help="folder to write (a .gguf file for --format gguf)")
+    p.add_argument(
+        "--format",
+        default="hf",
+        help="hf (Hugging Face folder), gguf (Q4_1 file, exact for QA-LoRA INT4 g32 on a GGUF model), gptq "
+        "(GPTQ folder; rounds zero points), or peft (the adapter alone, QA-LoRA expanded) (default: hf)",
+    )
     p.add_argument("--model", default=None, help="base model (default: the run's, or the adapter's base)")
-    p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 for the written weights (default: bf16)")
+    p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 for --format hf (default: bf16)")
     p.add_argument(
         "--requantize",
         default=None,
-        help="nf4 or fp4: re-quantize the merged weights to 4 bits (lossy; the error is reported) (default: off)",
+        help="nf4, fp4, or int2/int3/int4/int8 (RTN, group 32): re-quantize the merged weights (lossy; the "
+        "error is reported) (default: off)",
     )
     p.add_argument("--data", default=None, help="validation data for the error report (default: the run's)")
     p.add_argument("--prompts", type=int, default=16, help="validation examples to measure on (default: 16)")
@@ -110,7 +118,16 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "merge":
         from .export import merge_run
 
-        report = merge_run(args.run, args.out, args.model, args.dtype, args.requantize, args.data, args.prompts)
+        report = merge_run(
+            args.run,
+            args.out,
+            format=args.format,
+            model=args.model,
+            dtype=args.dtype,
+            requantize=args.requantize,
+            data=args.data,
+            prompts=args.prompts,
+        )
         print(report)
     elif args.command == "demo":
         from .demo import run_demo

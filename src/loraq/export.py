@@ -1,8 +1,10 @@
-"""Merge a trained adapter into its base and write the result: a 16-bit Hugging Face folder, or the merged
-weights re-quantized to 4 bits, with the error each rounding step adds measured on validation prompts.
+"""Merge a trained adapter into the base it was trained on and write the result in the format a runtime
+loads, measuring on validation prompts the error each rounding step adds.
 
-For a QLoRA run the adapter was trained on the NF4 base, so the merge adds it to the *dequantized* NF4
-weights (what training saw), not to the original full-precision ones.
+The base is rebuilt exactly as training built it (methods.prepare_base): for QLoRA the adapter is added to
+the *dequantized* NF4 weights (what training saw); for QA-LoRA it is folded into the INT-k group offsets,
+codes untouched, so the merged model is as large as the base and exact up to fp16 offsets (GGUF Q4_1 keeps
+that; GPTQ's integer zero points round it, and the report says by how much).
 """
 
 from __future__ import annotations
@@ -17,32 +19,45 @@ import torch
 from torch import nn
 
 from .atomic import atomic_folder
+from .config import LoraConfig
 from .data import encode_all, load_examples, ordered_batches, split_by_group
 from .errors import LoraqError
-from .inject import lora_layers, merge
-from .models import load_model
-from .peft_format import load_adapter, read_adapter_config
+from .inject import lora_layers, merge, unload
+from .methods import gguf_source, prepare_base
+from .models import load_tokenizer
+from .peft_format import load_adapter, read_adapter_config, save_adapter
 from .quant.checkpoint import write_quantized
-from .quant.linear import NF4Linear, quantize_model
+from .quant.gguf import write_gguf
+from .quant.gptq_format import gptq_tensors, int_layer_from_gptq, write_gptq
+from .quant.linear import IntLinear, dequantize_linears, int_layers, nf4_layers, quantize_linears
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-REQUANTIZE = ("nf4", "fp4")
+FORMATS = ("hf", "gguf", "gptq", "peft")
+REQUANTIZE = ("nf4", "fp4", "int2", "int3", "int4", "int8")
+REQUANTIZE_GROUP = 32
 
 
 @dataclass
 class MergeReport:
     out: Path
+    format: str
     dtype: str
     requantize: str | None
     prompts: int
-    merged_error: float  # mean |logits(merged as written) - logits(base + adapter)|, 16-bit case
-    requantize_error: float | None  # the same for the re-quantized model
+    error: float  # mean |logits(what was written) - logits(base + adapter)| on validation prompts
+    exact_error: float | None  # the same for the exact INT merge, when the format had to round it (gptq)
+    bytes_written: int
 
     def __str__(self) -> str:
-        text = f"merged model in {self.out} ({self.dtype}); mean |delta logits| vs the adapted model on "
-        text += f"{self.prompts} validation prompts: {self.merged_error:.4f} after {self.dtype} rounding"
-        if self.requantize_error is not None:
-            text += f", {self.requantize_error:.4f} after re-quantizing to {self.requantize}"
+        what = {"hf": f"Hugging Face folder ({self.dtype})", "gguf": "GGUF", "gptq": "GPTQ folder"}.get(
+            self.format, "PEFT adapter"
+        )
+        if self.requantize:
+            what += f", re-quantized to {self.requantize}"
+        text = f"wrote {what} to {self.out} ({self.bytes_written / 2**20:.1f} MiB); mean |delta logits| vs the "
+        text += f"adapted model on {self.prompts} validation prompts: {self.error:.5f}"
+        if self.exact_error is not None:
+            text += f" (the exact merge before this format's rounding: {self.exact_error:.5f})"
         return text
 
 
@@ -63,63 +78,133 @@ def resolve_run(run_or_adapter: str | os.PathLike) -> tuple[Path, dict]:
 def merge_run(
     run_or_adapter: str | os.PathLike,
     out: str | os.PathLike,
+    format: str = "hf",
     model: str | None = None,
     dtype: str = "bf16",
     requantize: str | None = None,
     data: str | None = None,
     prompts: int = 16,
 ) -> MergeReport:
-    """Merge a run's adapter into its base model and write a Hugging Face folder to `out`.
+    """Merge a run's adapter into the base it was trained on and write the result.
 
     Args:
         run_or_adapter: a run folder written by `train` (its config names the model, method and data) or a
             PEFT adapter folder (then `model` is needed, or the adapter's base_model_name_or_path is used).
-        out: the folder to write (atomically); `AutoModelForCausalLM.from_pretrained(out)` loads it.
-        model: the base model, overriding the run's.
-        dtype: "bf16", "fp16" or "fp32" for the written weights.
-        requantize: None, or "nf4"/"fp4" to quantize the merged weights again (NF4 with double quantization)
-            and write that 4-bit folder instead; the added error is reported.
+        out: where to write (atomically): a folder for hf/gptq/peft, a .gguf file for gguf.
+        format: "hf" (a 16-bit folder `AutoModelForCausalLM.from_pretrained` loads; with `requantize` nf4/fp4
+            a bitsandbytes-layout 4-bit folder), "gguf" (Q4_1; needs INT4 g32 layers and a GGUF source:
+            a qalora run on a GGUF model merges exactly), "gptq" (INT-k with integer zero points: rounds a
+            QA-LoRA merge), or "peft" (the adapter alone, QA-LoRA expanded to a plain LoRA).
+        dtype: "bf16", "fp16" or "fp32" for the hf format's weights.
+        requantize: quantize the merged weights again: "nf4", "fp4" or "int2/3/4/8" (RTN, group 32). Lossy;
+            the error is reported. Not needed (and refused) after a QA-LoRA merge, which stays INT-k.
         data: validation data for the error report, overriding the run's ("e2e" by default).
         prompts: how many validation examples to measure on.
 
     Raises:
-        LoraqError: a bad option, run folder, adapter or model.
+        LoraqError: a bad option, run folder, adapter or model, or a format the merged model cannot take.
     """
+    problems = []
+    if format not in FORMATS:
+        problems.append(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     if dtype not in DTYPES:
-        raise LoraqError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if requantize is not None and requantize not in REQUANTIZE:
-        raise LoraqError(f"--requantize must be one of {', '.join(REQUANTIZE)}, got {requantize!r}")
+        problems.append(f"--requantize must be one of {', '.join(REQUANTIZE)}, got {requantize!r}")
     if prompts < 1:
-        raise LoraqError(f"--prompts must be >= 1, got {prompts}")
+        problems.append(f"--prompts must be >= 1, got {prompts}")
+    if problems:
+        raise LoraqError("; ".join(problems))
     adapter_dir, run_config = resolve_run(run_or_adapter)
     read_adapter_config(adapter_dir)  # checks the config before the (slow) model load
     model_name = model or run_config.get("model") or _adapter_base_name(adapter_dir)
     if not model_name:
         raise LoraqError(f"{adapter_dir}: the base model is unknown; pass --model")
-    base, tokenizer = load_model(model_name)
-    if run_config.get("method") == "qlora" and not any(isinstance(m, NF4Linear) for m in base.modules()):
-        quantize_model(base)
+    method = LoraConfig(
+        method=run_config.get("method", "lora"),
+        bits=run_config.get("bits", 4),
+        group_size=run_config.get("group_size", 32),
+        quantizer=run_config.get("quantizer", "rtn"),
+    )
+    if requantize and method.method == "qalora":
+        raise LoraqError("--requantize: a QA-LoRA merge is already INT-k and exact; export it without re-quantizing")
+    if format == "gguf" and gguf_source(model_name) is None:
+        raise LoraqError(
+            f"--format gguf copies the source GGUF's metadata, but {model_name!r} was not loaded from a GGUF"
+        )
+    data_name = data or run_config.get("data") or "e2e"
+    tokenizer = load_tokenizer(model_name)
+    calibration = None
+    if method.method == "qalora" and method.quantizer == "gptq":
+        calibration, _ = encode_all(
+            tokenizer, split_by_group(load_examples(data_name)).train, run_config.get("max_length", 256)
+        )
+    base, tokenizer, _ = prepare_base(model_name, method, calibration, tokenizer.pad_token_id)
     load_adapter(base, adapter_dir)
     if not lora_layers(base):
         raise LoraqError(f"{adapter_dir}: the adapter attached to no layer of {model_name}")
-
-    batches = _validation_batches(tokenizer, data or run_config.get("data") or "e2e", prompts)
+    batches = _validation_batches(tokenizer, data_name, prompts)
     reference = _logits(base, batches)
+    n_prompts = sum(len(b[0]) for b in batches)
+    out = Path(out)
+
+    if format == "peft":
+        plain = dequantize_linears(copy.deepcopy(unload(copy.deepcopy(base))))
+        with atomic_folder(out) as tmp:
+            save_adapter(base, tmp)
+            load_adapter(plain, tmp)
+        error = _mean_abs_delta(_logits(plain, batches), reference)
+        return MergeReport(out, format, dtype, None, n_prompts, error, None, _size(out))
+
     merged = merge(base)
-    written = copy.deepcopy(merged).to(DTYPES[dtype])
-    merged_error = _mean_abs_delta(_logits(written, batches), reference)
-    requantize_error = None
     if requantize:
-        quantize_model(merged, quant_type=requantize)
-        requantize_error = _mean_abs_delta(_logits(merged, batches), reference)
-    with atomic_folder(out) as tmp:
-        if requantize:
-            write_quantized(merged, tokenizer, tmp)
+        if requantize.startswith("int"):
+            quantize_linears(merged, int_layers(int(requantize[3:]), REQUANTIZE_GROUP))
         else:
-            written.config.torch_dtype = DTYPES[dtype]
-            written.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    return MergeReport(Path(out), dtype, requantize, sum(len(b[0]) for b in batches), merged_error, requantize_error)
+            quantize_linears(merged, nf4_layers(quant_type=requantize))
+    exact_error = None
+    if format == "gguf":
+        error = _mean_abs_delta(_logits(merged, batches), reference)
+        target = out if out.suffix == ".gguf" else out / "model.gguf"
+        write_gguf(merged, gguf_source(model_name), target)
+        return MergeReport(target, format, dtype, requantize, n_prompts, error, None, _size(target))
+    if format == "gptq":
+        exact_error = _mean_abs_delta(_logits(merged, batches), reference)
+        with atomic_folder(out) as tmp:
+            write_gptq(merged, tokenizer, tmp)
+        rounded = _gptq_rounded(merged)
+        error = _mean_abs_delta(_logits(rounded, batches), reference)
+        return MergeReport(out, format, dtype, requantize, n_prompts, error, exact_error, _size(out))
+    if requantize in ("nf4", "fp4"):
+        error = _mean_abs_delta(_logits(merged, batches), reference)
+        with atomic_folder(out) as tmp:
+            write_quantized(merged, tokenizer, tmp)
+        return MergeReport(out, format, dtype, requantize, n_prompts, error, None, _size(out))
+    written = dequantize_linears(merged).to(DTYPES[dtype])
+    error = _mean_abs_delta(_logits(written, batches), reference)
+    with atomic_folder(out) as tmp:
+        written.config.torch_dtype = DTYPES[dtype]
+        written.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return MergeReport(out, format, dtype, requantize, n_prompts, error, None, _size(out))
+
+
+def _gptq_rounded(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose INT-k layers carry the integer zero points a GPTQ file stores."""
+    rounded = copy.deepcopy(model)
+    for name, module in list(rounded.named_modules()):
+        if isinstance(module, IntLinear):
+            tensors, _ = gptq_tensors(module)
+            new = int_layer_from_gptq(tensors, module.bits, module.group_size, module.bias)
+            parent_name, _, child = name.rpartition(".")
+            setattr(rounded.get_submodule(parent_name) if parent_name else rounded, child, new)
+    return rounded
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _adapter_base_name(adapter_dir: Path) -> str | None:

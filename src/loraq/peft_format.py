@@ -61,11 +61,16 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     for module_name, layer in layers.items():
         if name in layer.adapters:
             adapter = layer.adapters[name]
-            tensors[f"{PREFIX}{module_name}.lora_A.weight"] = adapter.A.detach().float().contiguous().cpu()
+            # A QA-LoRA A is written expanded to a plain LoRA A (r, in), which PEFT and vLLM load; loraq
+            # pools it back exactly (group sizes are powers of two, so A/L·L == A).
+            tensors[f"{PREFIX}{module_name}.lora_A.weight"] = adapter.expanded_A().contiguous().cpu()
             tensors[f"{PREFIX}{module_name}.lora_B.weight"] = adapter.B.detach().float().contiguous().cpu()
+    metadata = {"format": "pt"}
+    if config.pool > 1:
+        metadata["loraq_qalora_group_size"] = str(config.pool)
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(_peft_config(model, config, layers, name), indent=2) + "\n")
     return folder
 
@@ -150,13 +155,41 @@ def read_adapter_tensors(folder: str | os.PathLike, allow_pickle: bool = False) 
         raise LoraqError(f"{path} is not a readable safetensors file: {e}") from None
 
 
+def _qalora_group_size(path: Path) -> int:
+    """The pooling window recorded by loraq in a QA-LoRA adapter's safetensors metadata (1: plain LoRA)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            value = (f.metadata() or {}).get("loraq_qalora_group_size", "1")
+        return int(value)
+    except (SafetensorError, OSError, ValueError):
+        return 1
+
+
+def _all_int_bases(model: nn.Module, pairs: dict, pool: int) -> bool:
+    """Whether every adapted layer is an INT-k layer quantized in groups of `pool` (then pool again)."""
+    from .quant.linear import IntLinear
+
+    bases = {name: getattr(model.get_submodule(name), "base", model.get_submodule(name)) for name in pairs}
+    for name, base in bases.items():
+        if isinstance(base, IntLinear) and base.group_size != pool:
+            raise LoraqError(
+                f"this QA-LoRA adapter pools groups of {pool} columns, but layer {name} is quantized in groups of "
+                f"{base.group_size}; merge it into a base quantized with --group-size {pool}"
+            )
+    return all(isinstance(base, IntLinear) for base in bases.values())
+
+
 def load_adapter(
     model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default", allow_pickle: bool = False
 ) -> nn.Module:
     """Attach the PEFT adapter in `folder` to `model` (in place) and return the model.
 
     The layers that get an adapter are exactly those named in the weights file. Every shape is checked
-    against the model before anything is changed.
+    against the model before anything is changed. A QA-LoRA adapter written by loraq is pooled again when
+    the model's layers are INT-k with its group size; on any other base it loads as the plain LoRA it
+    expands to (which computes the same on the dequantized base).
 
     Raises:
         LoraqError: a missing or corrupt file, an unsupported PEFT option, a key that names no linear
@@ -165,6 +198,7 @@ def load_adapter(
     config = read_adapter_config(folder, adapter_name)
     tensors = read_adapter_tensors(folder, allow_pickle)
     path = Path(folder) / WEIGHTS_NAME
+    pool = _qalora_group_size(path)
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, tensor in tensors.items():
         m = _KEY.match(key)
@@ -197,6 +231,14 @@ def load_adapter(
                 )
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise LoraqError(f"{path}: {key!r} holds non-finite or non-float values")
+    if pool > 1 and _all_int_bases(model, pairs, pool):
+        for ab in pairs.values():
+            key_a, a = ab["A"]
+            grouped = a.reshape(a.shape[0], -1, pool)
+            if not torch.equal(grouped, grouped[..., :1].expand_as(grouped)):
+                raise LoraqError(f"{path}: {key_a!r} is marked QA-LoRA but its columns are not constant per group")
+            ab["A"] = (key_a, grouped[..., 0] * pool)
+        config.method, config.group_size = "qalora", pool
     file_targets = config.targets
     config.targets = sorted(pairs)
     apply(model, config)

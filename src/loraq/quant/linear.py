@@ -299,3 +299,18 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
     for m in model.modules():
         if hasattr(m, "compute_dtype") and isinstance(m, nn.Module) and hasattr(m, "dequantize"):
             m.compute_dtype = dtype
+
+
+def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every frozen quantized layer by a plain nn.Linear holding its dequantized weight."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (NF4Linear, IntLinear)):
+            weight = module.dequantize(torch.float32)
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear.to(dtype))
+    return model
