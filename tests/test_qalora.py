@@ -9,8 +9,8 @@ import loraq
 from loraq import LoraConfig, LoraqError
 from loraq.inject import lora_layers
 from loraq.lora import LoraLinear
-from loraq.quant.intk import quantize_rtn
 from loraq.quant.gptq_format import gptq_tensors, int_layer_from_gptq
+from loraq.quant.intk import quantize_rtn
 from loraq.quant.linear import IntLinear, dequantize_linears, quantize_model_int
 
 
