@@ -32,3 +32,29 @@ def test_text_files_are_read_and_bad_ones_named(tmp_path):
         read_text_files([tmp_path / "b.txt"])
     with pytest.raises(LoraqError, match="does not exist"):
         read_text_files([tmp_path / "c.txt"])
+
+
+def test_rouge_l_known_values():
+    from loraq.evaluate import rouge_l
+
+    assert rouge_l("the cat sat", "the cat sat") == pytest.approx(1.0)
+    assert rouge_l("the cat", "the big cat") == pytest.approx(2 * (1.0 * 2 / 3) / (1.0 + 2 / 3))
+    assert rouge_l("", "x") == 0.0 and rouge_l("a b", "c d") == 0.0
+
+
+SENTENCE = "the small red cat sat on the warm mat today"
+
+
+def test_generation_scores_use_every_reference(tiny, monkeypatch):
+    import sys
+
+    from loraq.data import Example
+    from loraq.evaluate import generation_scores
+
+    model, tok = tiny
+    monkeypatch.setattr(sys.modules["loraq.evaluate"], "generate", lambda m, t, p, max_new_tokens: SENTENCE)
+    examples = [Example("p1", SENTENCE, "g1"), Example("p1", "a blue dog", "g1"), Example("p2", "no match", "g2")]
+    scores = generation_scores(model, tok, examples)
+    assert len(scores.samples) == 2 and scores.samples[0]["references"] == [SENTENCE, "a blue dog"]
+    assert scores.rouge_l == pytest.approx(0.5)  # 1.0 for p1 (its first reference), 0.0 for p2
+    assert 30 < scores.bleu < 100

