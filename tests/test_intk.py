@@ -89,3 +89,13 @@ def test_rtn_property_finite_and_bounded(rows, groups, bits, scale, seed):
     approx = dequantize_int(codes, s, o)
     assert torch.isfinite(approx).all()
     assert float((w - approx).abs().max()) <= float(s.float().max()) / 2 + 2e-3 * float(w.abs().max()) + 1e-6
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packed_dequantize_equals_the_plain_formula(bits):
+    from loraq.quant.intk import dequantize_packed
+
+    w = torch.randn(24, 96)
+    codes, scale, offset = quantize_rtn(w, bits, 32)
+    expected = dequantize_int(codes, scale, offset)
+    assert torch.equal(dequantize_packed(pack_codes(codes, bits), bits, scale, offset), expected)

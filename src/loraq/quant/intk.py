@@ -13,7 +13,11 @@ calibration inputs; groups are contiguous and taken in order (no act-order), so 
 
 from __future__ import annotations
 
+import sys
+from functools import cache
+
 import torch
+import torch.nn.functional as F
 
 BITS = (2, 3, 4, 8)
 
@@ -118,6 +122,41 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     word = (chunks << shifts).sum(dim=1)  # disjoint bit ranges: the sum is the bitwise or
     parts = torch.arange(8, dtype=torch.int64) * bits
     return ((word.unsqueeze(1) >> parts) & (2**bits - 1)).to(torch.uint8).reshape(-1)[:numel]
+
+
+def dequantize_packed(
+    packed: torch.Tensor, bits: int, scale: torch.Tensor, offset: torch.Tensor, dtype=torch.float32
+) -> torch.Tensor:
+    """`dequantize_int(unpack_codes(packed), scale, offset)` without materialising the codes: at 2, 4 and
+    8 bits the packed bytes index a table of code values directly (two bytes at a time at 4 bits)."""
+    out_features, groups = scale.shape
+    numel = packed.numel() * 8 // bits
+    group_size = numel // (out_features * groups)
+    flat = packed.reshape(-1)
+    if bits == 4 and flat.numel() % 2 == 0 and sys.byteorder == "little":
+        values = F.embedding(flat.view(torch.int16).int().add_(32768), _code_table(4, 2, packed.device)).view(-1)
+    elif bits in (2, 4):
+        values = F.embedding(flat.int(), _code_table(bits, 1, packed.device)).view(-1)
+    elif bits == 8:
+        values = flat.float()
+    else:
+        values = unpack_codes(packed, bits, numel).float()
+    w = values[: out_features * groups * group_size].view(out_features, groups, group_size)
+    w.mul_(scale.float().unsqueeze(2)).add_(offset.float().unsqueeze(2))  # separate ops: as llama.cpp, no FMA
+    return w.view(out_features, groups * group_size).to(dtype)
+
+
+@cache
+def _code_table(bits: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """(256^nbytes, 8·nbytes/bits) float table: the codes stored in each byte (pair), in stream order."""
+    per_byte = 8 // bits
+    byte = torch.arange(256, device=device)
+    one = torch.stack([((byte >> (bits * j)) & (2**bits - 1)).float() for j in range(per_byte)], dim=1)
+    if nbytes == 1:
+        return one
+    word = torch.arange(65536, device=device)
+    unsigned = (word - 32768) & 0xFFFF  # row w + 32768 holds the little-endian int16 w
+    return torch.cat([one[unsigned & 255], one[unsigned >> 8]], dim=1).contiguous()
 
 
 def packed_bytes(numel: int, bits: int) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import LoraqError
 from .intk import (
     check_bits_and_group,
-    dequantize_int,
+    dequantize_packed,
     pack_codes,
     quantize_gptq,
     quantize_rtn,
@@ -137,7 +137,7 @@ class IntLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight, (out, in), in `dtype`; a fresh tensor each call."""
-        return dequantize_int(self.codes(), self.scale, self.offset, dtype)
+        return dequantize_packed(self.packed, self.bits, self.scale, self.offset, dtype)
 
     @torch.no_grad()
     def add_to_offsets(self, delta: torch.Tensor) -> None:
