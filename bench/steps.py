@@ -42,11 +42,11 @@ def load(which: str, rank: int):
     import loraq
 
     if which.startswith("loraq"):
-        model, tokenizer = loraq.load_model("smollm2-135m")
-        if which == "loraq-qlora":
-            from loraq.quant.linear import quantize_model
+        from loraq.quant.linear import nf4_layers
 
-            quantize_model(model)  # NF4 + double quantization, blocksize 64
+        # QLoRA quantizes while loading (NF4 + double quantization, blocksize 64), as `loraq train` does
+        quantize = nf4_layers() if which == "loraq-qlora" else None
+        model, tokenizer = loraq.load_model("smollm2-135m", quantize_layer=quantize)
         loraq.apply(model, loraq.LoraConfig(r=rank, alpha=2 * rank, targets=PROJECTIONS))
         return model, tokenizer
     from peft import LoraConfig, get_peft_model

@@ -121,3 +121,22 @@ def test_bf16_on_a_cpu_without_it_is_refused(tmp_path, tiny_model_dir, monkeypat
         with pytest.raises(LoraqError, match="no CUDA device"):
             loraq.train(train_config(tmp_path, tiny_model_dir, device="cuda"), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (3, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_work_buffers_give_the_same_weight_and_are_reused(shape, dtype):
+    from loraq.quant.intk import quantize_rtn
+    from loraq.quant.linear import IntLinear
+
+    torch.manual_seed(0)
+    nf4 = NF4Linear.quantize(nn.Linear(shape[1], shape[0]))
+    layers = [nf4]
+    if shape[1] % 32 == 0:
+        layers.append(IntLinear(*quantize_rtn(torch.randn(shape), 4, 32), 4))
+    for layer in layers:
+        fresh = layer.dequantize(dtype)
+        reused = layer.dequantize(dtype, reuse_buffers=True)
+        assert torch.equal(fresh, reused)
+        assert layer.dequantize(dtype, reuse_buffers=True).data_ptr() == reused.data_ptr()  # no new allocation
+        assert layer.dequantize(dtype).data_ptr() != fresh.data_ptr()

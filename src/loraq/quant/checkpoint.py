@@ -246,7 +246,9 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) 
         v = tensors.pop(k)
         if tuple(v.shape) != tuple(shapes[k]):
             raise LoraqError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(shapes[k])}")
-        rest[k] = v.float() if v.is_floating_point() else v
+        # A copy, not a view of the file's memory map: a view would keep every page read while loading
+        # (the whole full-precision file) resident for as long as the model lives.
+        rest[k] = v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
     model.load_state_dict(rest, strict=False, assign=True)
     model.tie_weights()
     for p in model.parameters():

@@ -19,6 +19,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from .scratch import scratch
+
 BITS = (2, 3, 4, 8)
 
 
@@ -125,25 +127,44 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 
 def dequantize_packed(
-    packed: torch.Tensor, bits: int, scale: torch.Tensor, offset: torch.Tensor, dtype=torch.float32
+    packed: torch.Tensor,
+    bits: int,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    dtype=torch.float32,
+    reuse_buffers: bool = False,
 ) -> torch.Tensor:
     """`dequantize_int(unpack_codes(packed), scale, offset)` without materialising the codes: at 2, 4 and
-    8 bits the packed bytes index a table of code values directly (two bytes at a time at 4 bits)."""
+    8 bits the packed bytes index a table of code values directly (two bytes at a time at 4 bits).
+    With `reuse_buffers` (frozen matmuls only) the result is a view of a shared work buffer."""
     out_features, groups = scale.shape
     numel = packed.numel() * 8 // bits
     group_size = numel // (out_features * groups)
     flat = packed.reshape(-1)
-    if bits == 4 and flat.numel() % 2 == 0 and sys.byteorder == "little":
-        values = F.embedding(flat.view(torch.int16).int().add_(32768), _code_table(4, 2, packed.device)).view(-1)
-    elif bits in (2, 4):
-        values = F.embedding(flat.int(), _code_table(bits, 1, packed.device)).view(-1)
+    device = packed.device
+    if bits in (2, 4):
+        if bits == 4 and flat.numel() % 2 == 0 and sys.byteorder == "little":
+            words, table, shift = flat.view(torch.int16), _code_table(4, 2, device), 32768
+        else:
+            words, table, shift = flat, _code_table(bits, 1, device), 0
+        if reuse_buffers:
+            index = scratch("dequantize.index", words.numel(), torch.int32, device).copy_(words).add_(shift)
+            values = scratch("dequantize.values", index.numel() * table.shape[1], torch.float32, device)
+            torch.index_select(table, 0, index, out=values.view(-1, table.shape[1]))
+        else:
+            values = F.embedding(words.int().add_(shift), table).view(-1)
     elif bits == 8:
         values = flat.float()
     else:
         values = unpack_codes(packed, bits, numel).float()
     w = values[: out_features * groups * group_size].view(out_features, groups, group_size)
     w.mul_(scale.float().unsqueeze(2)).add_(offset.float().unsqueeze(2))  # separate ops: as llama.cpp, no FMA
-    return w.view(out_features, groups * group_size).to(dtype)
+    w = w.view(out_features, groups * group_size)
+    if w.dtype == dtype:
+        return w
+    if not reuse_buffers:
+        return w.to(dtype)
+    return scratch("dequantize.cast", w.numel(), dtype, device).view(w.shape).copy_(w)
 
 
 @cache

@@ -30,11 +30,11 @@ class _FrozenMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: NF4Linear | IntLinear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype))
+        return F.linear(x, layer.dequantize(x.dtype, reuse_buffers=True))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.layer.dequantize(grad.dtype), None
+        return grad @ ctx.layer.dequantize(grad.dtype, reuse_buffers=True), None
 
 
 def compute_dtype_for(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -83,9 +83,10 @@ class NF4Linear(nn.Module):
             self.nested_absmax,
         )
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight, (out, in), in `dtype`; a fresh tensor each call."""
-        return dequantize_4bit(self.packed, self.state(), dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32, reuse_buffers: bool = False) -> torch.Tensor:
+        """The weight, (out, in), in `dtype`; a fresh tensor each call (a shared work buffer with
+        `reuse_buffers`, which only the frozen matmul uses)."""
+        return dequantize_4bit(self.packed, self.state(), dtype, reuse_buffers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype_for(x, self.compute_dtype)
@@ -135,9 +136,10 @@ class IntLinear(nn.Module):
         n = self.out_features * self.in_features
         return unpack_codes(self.packed, self.bits, n).view(self.out_features, self.in_features)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight, (out, in), in `dtype`; a fresh tensor each call."""
-        return dequantize_packed(self.packed, self.bits, self.scale, self.offset, dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32, reuse_buffers: bool = False) -> torch.Tensor:
+        """The weight, (out, in), in `dtype`; a fresh tensor each call (a shared work buffer with
+        `reuse_buffers`, which only the frozen matmul uses)."""
+        return dequantize_packed(self.packed, self.bits, self.scale, self.offset, dtype, reuse_buffers)
 
     @torch.no_grad()
     def add_to_offsets(self, delta: torch.Tensor) -> None:

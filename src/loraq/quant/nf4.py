@@ -20,6 +20,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from .scratch import scratch
+
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -134,25 +136,46 @@ def quantize_4bit(
     return packed, state
 
 
-def dequantize_4bit(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_4bit(
+    packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None, reuse_buffers: bool = False
+) -> torch.Tensor:
     """Unpack and rescale 4-bit codes to a tensor of `state.shape` (in `dtype`, default the original's).
 
-    Computed in fp32 (code value times block absmax), then cast once; a fresh tensor each call.
+    Computed in fp32 (code value times block absmax), then cast once. A fresh tensor each call, unless
+    `reuse_buffers` (for frozen matmuls only): then a view of a shared work buffer (see `scratch`).
     """
     n = state.numel
     flat = packed.reshape(-1)
+    device = packed.device
     if flat.numel() % 2 == 0 and sys.byteorder == "little":
         # One lookup per two bytes gives four values: read the bytes as int16 and index a 65536 x 4 table.
-        index = flat.view(torch.int16).int().add_(32768)
-        values = F.embedding(index, _word_table(state.quant_type, packed.device)).view(-1)[:n]
+        words, table = flat.view(torch.int16), _word_table(state.quant_type, device)
     else:
-        values = F.embedding(flat.int(), _byte_pairs(state.quant_type, packed.device)).view(-1)[:n]
-    absmax = state.block_absmax().to(packed.device)
+        words, table = flat, _byte_pairs(state.quant_type, device)
+    if reuse_buffers:
+        index = scratch("dequantize.index", words.numel(), torch.int32, device).copy_(words)
+        values = scratch("dequantize.values", index.numel() * table.shape[1], torch.float32, device)
+        torch.index_select(
+            table, 0, index.add_(32768 if table.shape[0] == 65536 else 0), out=values.view(-1, table.shape[1])
+        )
+    else:
+        index = words.int().add_(32768) if table.shape[0] == 65536 else words.int()
+        values = F.embedding(index, table).view(-1)
+    values = values[:n]
+    absmax = state.block_absmax().to(device)
     full = n - n % state.blocksize
     values[:full].view(-1, state.blocksize).mul_(absmax[: full // state.blocksize].unsqueeze(1))
     if full < n:
         values[full:].mul_(absmax[-1])
-    return values.view(state.shape).to(dtype or state.dtype)
+    return _cast(values.view(state.shape), dtype or state.dtype, reuse_buffers)
+
+
+def _cast(values: torch.Tensor, dtype: torch.dtype, reuse_buffers: bool) -> torch.Tensor:
+    if values.dtype == dtype:
+        return values
+    if not reuse_buffers:
+        return values.to(dtype)
+    return scratch("dequantize.cast", values.numel(), dtype, values.device).view(values.shape).copy_(values)
 
 
 @cache
