@@ -79,12 +79,23 @@ class NF4State:
     def double_quant(self) -> bool:
         return self.offset is not None
 
-    def block_absmax(self) -> torch.Tensor:
+    def block_absmax(self, reuse_buffers: bool = False) -> torch.Tensor:
         """The fp32 absmax per block, undoing the double quantization if there is one."""
         if not self.double_quant:
             return self.absmax
         assert self.nested_absmax is not None and self.offset is not None
-        return dequantize_blockwise_8bit(self.absmax, self.nested_absmax, NESTED_BLOCKSIZE) + self.offset
+        if not reuse_buffers:
+            return dequantize_blockwise_8bit(self.absmax, self.nested_absmax, NESTED_BLOCKSIZE) + self.offset
+        # The same float operations into work buffers: no small allocations interleaved with the big ones
+        n, device = self.absmax.numel(), self.absmax.device
+        padded = -(-n // NESTED_BLOCKSIZE) * NESTED_BLOCKSIZE
+        index = scratch("absmax.index", padded, torch.int32, device)
+        index[:n].copy_(self.absmax)
+        index[n:].zero_()
+        values = scratch("absmax.values", padded, torch.float32, device)
+        torch.index_select(dynamic_code_8bit().to(device), 0, index, out=values)
+        values.view(-1, NESTED_BLOCKSIZE).mul_(self.nested_absmax.unsqueeze(1))
+        return values[:n].add_(self.offset)
 
 
 def quantize_4bit(
@@ -162,7 +173,7 @@ def dequantize_4bit(
         index = words.int().add_(32768) if table.shape[0] == 65536 else words.int()
         values = F.embedding(index, table).view(-1)
     values = values[:n]
-    absmax = state.block_absmax().to(device)
+    absmax = state.block_absmax(reuse_buffers).to(device)
     full = n - n % state.blocksize
     values[:full].view(-1, state.blocksize).mul_(absmax[: full // state.blocksize].unsqueeze(1))
     if full < n:
