@@ -10,6 +10,7 @@ from loraq.data import (
     Example,
     collate,
     encode,
+    encode_all,
     format_prompt,
     load_examples,
     shuffled_batches,
@@ -44,8 +45,12 @@ def test_jsonl_loads_and_skips_blank_lines():
     ("content", "message"),
     [
         ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n', r"bad\.jsonl:2: not valid JSON"),
-        ('{"prompt": "a", "completion": "b"}\n\n["x"]\n', r"bad\.jsonl:3: expected a JSON object"),
-        ('{"prompt": "a", "answer": "b"}\n', r"bad\.jsonl:1: missing string field 'completion'"),
+        ('{"prompt": "a", "completion": "b"}\n\n["x"]\n', r"bad\.jsonl:3: expected an object with fields"),
+        (
+            '{"prompt": "a", "answer": "b"}\n',
+            r"bad\.jsonl:1: cannot tell the format from fields \['answer', 'prompt'\]",
+        ),
+        ('{"instruction": "a", "output": 3}\n', r"bad\.jsonl:1: field 'output' must be a string, not int \(the alpaca"),
         ("\n\n", r"bad\.jsonl holds no examples"),
     ],
 )
@@ -71,7 +76,8 @@ def test_bad_encoding_and_missing_file(tmp_path):
 def test_encode_masks_prompt_and_ends_with_eos(tiny):
     _, tok = tiny
     ex = Example("Say hi.", "Hi there.", "g")
-    item = encode(tok, ex, 256)
+    item, truncated = encode(tok, ex, 256)
+    assert not truncated
     prompt_len = len(tok(format_prompt(tok, ex.prompt), add_special_tokens=False)["input_ids"])
     assert item["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert item["labels"][prompt_len:] == item["input_ids"][prompt_len:]
@@ -83,8 +89,74 @@ def test_encode_masks_prompt_and_ends_with_eos(tiny):
 def test_encode_truncates_and_drops(tiny):
     _, tok = tiny
     ex = Example("Say hi.", "word " * 100, "g")
-    assert len(encode(tok, ex, 40)["input_ids"]) == 40
-    assert encode(tok, ex, 5) is None
+    item, truncated = encode(tok, ex, 40)
+    assert len(item["input_ids"]) == 40 and truncated
+    assert encode(tok, ex, 40, drop_long=True) == (None, False)
+    assert encode(tok, ex, 5) == (None, False)
+    kept, stats = encode_all(tok, [ex, Example("Say hi.", "Hi.", "g")], 40)
+    assert len(kept) == 2 and stats.truncated == 1 and stats.dropped == 0
+    kept, stats = encode_all(tok, [ex, Example("Say hi.", "Hi.", "g")], 40, drop_long=True)
+    assert len(kept) == 1 and stats.dropped == 1
+
+
+def test_train_on_prompt_and_plain_text_put_the_loss_everywhere(tiny):
+    _, tok = tiny
+    item, _ = encode(tok, Example("Say hi.", "Hi there.", "g"), 256, train_on_prompt=True)
+    assert item["labels"] == item["input_ids"]
+    item, _ = encode(tok, Example("", "Plain text to continue.", "g", raw=True), 256)
+    assert item["labels"] == item["input_ids"] and "<|im_start|>" not in tok.decode(item["input_ids"])
+
+
+RECORDS = [
+    ({"instruction": "Add.", "input": "2 and 3", "output": "5"}, "Add.\n\n2 and 3", "5"),
+    ({"instruction": "Greet.", "output": "Hi"}, "Greet.", "Hi"),
+    ({"prompt": "P", "completion": "C"}, "P", "C"),
+    ({"input": "I", "target": "T"}, "I", "T"),
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_formats_are_detected_in_every_file_type(tmp_path, suffix):
+    import csv
+
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r, _, _ in RECORDS))
+        rows = RECORDS
+    elif suffix == ".json":
+        path.write_text(json.dumps([r for r, _, _ in RECORDS]))
+        rows = RECORDS
+    else:  # a CSV file has one set of columns: one format per file
+        rows = RECORDS[:2]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["instruction", "input", "output"])
+            writer.writeheader()
+            for r, _, _ in rows:
+                writer.writerow(r)
+    examples = load_examples(path)
+    assert [(e.prompt, e.response) for e in examples] == [(p, c) for _, p, c in rows]
+
+
+def test_chat_and_text_formats(tmp_path, tiny):
+    _, tok = tiny
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                         {"role": "assistant", "content": "Hello."}]}  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    ex = load_examples(tmp_path / "chat.jsonl")[0]
+    assert ex.context == (("system", "Be brief."), ("user", "Hi?")) and ex.response == "Hello."
+    item, _ = encode(tok, ex, 256)
+    assert "Be brief." in tok.decode(item["input_ids"])
+    (tmp_path / "notes.txt").write_text("First document.\n\nSecond one.\n")
+    docs = load_examples(tmp_path / "notes.txt")
+    assert [d.response for d in docs] == ["First document.", "Second one."] and all(d.raw for d in docs)
+    bad = {"messages": [{"role": "user", "content": "Hi?"}]}
+    (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(LoraqError, match=r"bad\.jsonl:1: the last message must be the assistant's reply"):
+        load_examples(tmp_path / "bad.jsonl")
+    with pytest.raises(LoraqError, match="--data-format must be one of"):
+        load_examples(tmp_path / "chat.jsonl", format="sharegpt")
+    with pytest.raises(LoraqError, match="field 'instruction' is missing"):
+        load_examples(tmp_path / "chat.jsonl", format="alpaca")
 
 
 def test_fallback_template_without_chat_template(tiny):

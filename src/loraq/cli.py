@@ -102,6 +102,9 @@ def _run(args: argparse.Namespace) -> int:
 
         options = {k: v for k, v in vars(args).items() if k != "command"}
         result = train(TrainConfig(**options))
+        if result.stopped_at is not None:
+            print(f"stopped after step {result.stopped_at}; continue with the same command and --resume")
+            return 130
         losses = f"{result.val_loss_before:.4f} -> {result.val_loss_after:.4f}"
         print(f"validation loss {losses}; adapter in {result.out / 'adapter'}")
     elif args.command == "generate":

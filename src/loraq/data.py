@@ -1,7 +1,8 @@
 """Training data: reading examples, splitting them, turning them into token ids with the loss on the response.
 
 The default task is E2E NLG (restaurant attributes -> a one-sentence description; data CC BY-SA 4.0), taken
-from the bigbench sdist on first use. Your own data can be a JSONL file of {"prompt": ..., "completion": ...}.
+from the bigbench sdist on first use. Your own data can be JSONL, JSON, CSV, Parquet or plain text, in the
+alpaca, chat, prompt/completion or text format (see `load_examples`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Example:
     prompt: str
     response: str
     group: str  # examples of one group (an E2E attribute set) always land in the same split
+    context: tuple[tuple[str, str], ...] | None = None  # chat: the (role, content) turns before the reply
+    raw: bool = False  # plain text for continued pre-training: no template, the loss on every token
 
 
 @dataclass
@@ -38,31 +41,170 @@ class Splits:
     test: list[Example]
 
 
-def load_examples(data: str | os.PathLike) -> list[Example]:
-    """Read examples from "e2e" (the default task), a bigbench-style task.json, or a prompt/completion JSONL.
+FORMATS = ("auto", "alpaca", "chat", "prompt-completion", "text", "bigbench")
+_FIELDS = {
+    "alpaca": "instruction, input (optional), output",
+    "chat": "messages: a list of {role, content} ending with an assistant turn",
+    "prompt-completion": "prompt, completion",
+    "text": "text",
+    "bigbench": "input, target",
+}
+
+
+def load_examples(data: str | os.PathLike, format: str = "auto") -> list[Example]:
+    """Read examples from "e2e" (the default task) or a file: .jsonl, .json (a list of records, or a bigbench
+    task with an "examples" list), .csv, .parquet (needs pyarrow) or .txt (plain text, one document per
+    blank-line-separated block).
+
+    Record formats, detected from the fields or named with `format`: alpaca (instruction, input, output),
+    chat (messages), prompt-completion (prompt, completion), text (text), bigbench (input, target).
 
     Raises:
-        LoraqError: the file is missing or malformed (naming the file and line or example).
+        LoraqError: the file is missing, empty or malformed (naming the file and line or record, and the
+            fields the format expects).
     """
+    if format not in FORMATS:
+        raise LoraqError(f"--data-format must be one of {', '.join(FORMATS)}, got {format!r}")
     if str(data) == "e2e":
         return load_e2e(fetch(E2E_TASK))
     path = Path(data)
     if not path.is_file():
         raise LoraqError(f"data (--data): {path} does not exist (use 'e2e' for the default task)")
-    if path.suffix == ".jsonl":
-        return load_jsonl(path)
-    if path.suffix == ".json":
-        return load_e2e(path)
-    raise LoraqError(f"data (--data): {path} must be a .jsonl (prompt/completion) or bigbench .json file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = _read_jsonl(path)
+    elif suffix == ".json":
+        raw = _read_json(path)
+        if isinstance(raw, dict) and "examples" in raw:
+            return load_e2e(path)
+        if not isinstance(raw, list):
+            raise LoraqError(f"{path}: expected a JSON list of records (or a bigbench object with 'examples')")
+        records = [(f"{path}: record {i}", r) for i, r in enumerate(raw)]
+    elif suffix == ".csv":
+        records = _read_csv(path)
+    elif suffix == ".parquet":
+        records = _read_parquet(path)
+    elif suffix == ".txt":
+        text = _read_text(path)
+        blocks = [b.strip() for b in text.split("\n\n") if b.strip()]
+        records = [(f"{path}: block {i}", {"text": b}) for i, b in enumerate(blocks)]
+    else:
+        raise LoraqError(f"data (--data): {path} must be .jsonl, .json, .csv, .parquet or .txt")
+    if not records:
+        raise LoraqError(f"{path} holds no examples")
+    return [_example(where, record, format) for where, record in records]
+
+
+def _example(where: str, record, format: str) -> Example:
+    if not isinstance(record, dict):
+        raise LoraqError(f"{where}: expected an object with fields, got {type(record).__name__}")
+    kind = format if format != "auto" else _detect(record)
+    if kind is None:
+        known = "; ".join(f"{k}: {v}" for k, v in _FIELDS.items())
+        raise LoraqError(f"{where}: cannot tell the format from fields {sorted(record)}; expected one of ({known})")
+
+    def field(name: str, optional: bool = False) -> str:
+        value = record.get(name)
+        if value is None and optional:
+            return ""
+        if not isinstance(value, str):
+            problem = "is missing" if value is None else f"must be a string, not {type(value).__name__}"
+            raise LoraqError(f"{where}: field {name!r} {problem} (the {kind} format has {_FIELDS[kind]})")
+        return value
+
+    if kind == "alpaca":
+        instruction, extra = field("instruction"), field("input", optional=True)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return Example(prompt, field("output"), prompt)
+    if kind == "prompt-completion":
+        return Example(field("prompt"), field("completion"), field("prompt"))
+    if kind == "bigbench":
+        return Example(field("input"), field("target"), field("input"))
+    if kind == "text":
+        text = field("text")
+        return Example("", text, text[:200], raw=True)
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise LoraqError(f"{where}: field 'messages' must be a non-empty list (the chat format has {_FIELDS['chat']})")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise LoraqError(f"{where}: messages[{i}] needs string fields 'role' and 'content'")
+        turns.append((m["role"], m["content"]))
+    if turns[-1][0] != "assistant":
+        raise LoraqError(f"{where}: the last message must be the assistant's reply (the one trained on)")
+    context = tuple(turns[:-1])
+    first_user = next((c for r, c in context if r == "user"), "")
+    return Example(first_user, turns[-1][1], json.dumps(context), context=context)
+
+
+def _detect(record: dict) -> str | None:
+    if "messages" in record:
+        return "chat"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt-completion"
+    if "input" in record and "target" in record:
+        return "bigbench"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LoraqError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise LoraqError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, object]]:
+    records = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise LoraqError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line") from None
+    return records
+
+
+def _read_csv(path: Path) -> list[tuple[str, object]]:
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
+        return [(f"{path}:{reader.line_num}", dict(row)) for row in reader]
+    except csv.Error as e:
+        raise LoraqError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+
+
+def _read_parquet(path: Path) -> list[tuple[str, object]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LoraqError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises ArrowInvalid and OSError for bad files
+        raise LoraqError(f"{path}: not a readable Parquet file ({e})") from None
+    return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
 
 
 def load_e2e(path: str | os.PathLike) -> list[Example]:
     """Read a bigbench task.json ({"examples": [{"input": attributes, "target": text}, ...]})."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoraqError(f"{path} is not valid UTF-8 JSON: {e}") from None
+    raw = _read_json(path)
     items = raw.get("examples") if isinstance(raw, dict) else None
     if not isinstance(items, list):
         raise LoraqError(f"{path}: expected a JSON object with an 'examples' list")
@@ -77,34 +219,6 @@ def load_e2e(path: str | os.PathLike) -> list[Example]:
         attributes = item["input"].strip()
         prompt = E2E_INSTRUCTION.format(attributes=attributes)
         examples.append(Example(prompt, item["target"].strip(), attributes))
-    if not examples:
-        raise LoraqError(f"{path} holds no examples")
-    return examples
-
-
-def load_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Read one {"prompt": str, "completion": str} object per line; blank lines are skipped."""
-    path = Path(path)
-    examples = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LoraqError(
-                        f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line"
-                    ) from None
-                if not isinstance(item, dict):
-                    raise LoraqError(f"{path}:{lineno}: expected a JSON object with 'prompt' and 'completion'")
-                for key in ("prompt", "completion"):
-                    if not isinstance(item.get(key), str):
-                        raise LoraqError(f"{path}:{lineno}: missing string field {key!r}")
-                examples.append(Example(item["prompt"], item["completion"], item["prompt"]))
-    except UnicodeDecodeError as e:
-        raise LoraqError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not examples:
         raise LoraqError(f"{path} holds no examples")
     return examples
@@ -125,33 +239,63 @@ def split_by_group(examples: list[Example], val_fraction: float = 0.1, test_frac
 
 def format_prompt(tokenizer, prompt: str) -> str:
     """The text the model sees before its answer: the chat template's user turn, or a plain fallback."""
+    return format_context(tokenizer, (("user", prompt),))
+
+
+def format_context(tokenizer, turns: tuple[tuple[str, str], ...]) -> str:
+    """A conversation up to the assistant's reply, with the chat template (or the fallback template)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return FALLBACK_TEMPLATE.format(prompt=prompt)
+        messages = [{"role": role, "content": content} for role, content in turns]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if len(turns) == 1 and turns[0][0] == "user":
+        return FALLBACK_TEMPLATE.format(prompt=turns[0][1])
+    return "".join(f"### {role.capitalize()}:\n{content}\n\n" for role, content in turns) + "### Response:\n"
 
 
-def encode(tokenizer, example: Example, max_length: int) -> dict[str, list[int]] | None:
-    """Token ids and labels for one example; labels are IGNORE_INDEX on the prompt (loss on the response).
+@dataclass
+class EncodeStats:
+    dropped: int = 0  # prompt alone too long, or too long with drop_long
+    truncated: int = 0  # cut to max_length
 
-    The response is followed by the end-of-sequence token so the model learns to stop. Returns None when
-    the prompt alone fills `max_length` (no response token would be left to learn from).
+
+def encode(
+    tokenizer, example: Example, max_length: int, drop_long: bool = False, train_on_prompt: bool = False
+) -> tuple[dict[str, list[int]] | None, bool]:
+    """Token ids and labels for one example, and whether it was truncated.
+
+    Labels are IGNORE_INDEX on the prompt (the loss is on the response) unless `train_on_prompt`; plain
+    text examples are trained on every token. The response is followed by the end-of-sequence token so the
+    model learns to stop. Returns None when the prompt alone fills `max_length`, or when the example is too
+    long and `drop_long`.
     """
-    prompt_ids = tokenizer(format_prompt(tokenizer, example.prompt), add_special_tokens=False)["input_ids"]
+    if example.raw:
+        prompt_ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    else:
+        context = example.context or (("user", example.prompt),)
+        prompt_ids = tokenizer(format_context(tokenizer, context), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(prompt_ids) >= max_length:
-        return None
+    too_long = len(prompt_ids) + len(response_ids) > max_length
+    if len(prompt_ids) >= max_length or (too_long and drop_long):
+        return None, False
     ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    return {"input_ids": ids, "labels": labels}
+    prompt_labels = prompt_ids if (train_on_prompt or example.raw) else [IGNORE_INDEX] * len(prompt_ids)
+    labels = (prompt_labels + response_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}, too_long
 
 
-def encode_all(tokenizer, examples: list[Example], max_length: int) -> tuple[list[dict], int]:
-    """Encode every example; return the encoded ones and how many were dropped for length."""
-    encoded = [encode(tokenizer, ex, max_length) for ex in examples]
-    kept = [e for e in encoded if e is not None]
-    return kept, len(encoded) - len(kept)
+def encode_all(
+    tokenizer, examples: list[Example], max_length: int, drop_long: bool = False, train_on_prompt: bool = False
+) -> tuple[list[dict], EncodeStats]:
+    """Encode every example; return the encoded ones and how many were dropped or truncated."""
+    kept, stats = [], EncodeStats()
+    for ex in examples:
+        item, truncated = encode(tokenizer, ex, max_length, drop_long, train_on_prompt)
+        if item is None:
+            stats.dropped += 1
+        else:
+            kept.append(item)
+            stats.truncated += int(truncated)
+    return kept, stats
 
 
 def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

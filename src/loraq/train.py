@@ -11,6 +11,8 @@ import inspect
 import json
 import math
 import re
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +30,8 @@ from .inject import apply, parameter_summary
 from .methods import prepare_base
 from .models import DEFAULT_MODEL, load_tokenizer
 from .peft_format import save_adapter
+from .report import write_report
+from .resume import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 
 
 def _opt(default, help: str):
@@ -57,13 +61,19 @@ class TrainConfig:
     batch_size: int = _opt(8, "examples per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(2e-4, "peak learning rate")
-    warmup_steps: int = _opt(10, "linear warmup steps before cosine decay")
+    schedule: str = _opt("cosine", "learning-rate schedule after warmup: cosine, linear (both to zero) or constant")
+    warmup_steps: int = _opt(10, "linear warmup steps before the schedule")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm")
-    max_length: int = _opt(256, "maximum tokens per example (longer ones are truncated)")
+    max_length: int = _opt(256, "maximum tokens per example")
+    too_long: str = _opt("truncate", "examples longer than --max-length: truncate, or drop (counted either way)")
+    train_on_prompt: bool = _opt(False, "put the loss on the prompt too, not only on the response")
     eval_every: int = _opt(50, "validation every N steps (0: only at the end)")
     eval_batch_size: int = _opt(16, "examples per validation batch")
     seed: int = _opt(0, "random seed")
+    save_every: int = _opt(50, "write a checkpoint every N steps (0: only at the end); the last two are kept")
+    resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = _opt(False, "replace a finished run already in --out")
     grad_checkpoint: bool = _opt(False, "gradient checkpointing: recompute activations in backward to save memory")
     device: str = _opt("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     compute_dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA only)")
@@ -112,6 +122,12 @@ class TrainConfig:
             f"--eval-batch-size must be >= 1, got {self.eval_batch_size!r}",
         )
         check(is_int(self.seed), f"--seed must be an integer, got {self.seed!r}")
+        check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check(self.too_long in ("truncate", "drop"), f"--too-long must be truncate or drop, got {self.too_long!r}")
+        check(
+            is_int(self.save_every) and self.save_every >= 0,
+            f"--save-every must be >= 0 (0: only at the end), got {self.save_every!r}",
+        )
         check(
             self.compute_dtype in ("auto", *_DTYPES),
             f"--compute-dtype must be auto, {', '.join(_DTYPES)}, got {self.compute_dtype!r}",
@@ -153,6 +169,8 @@ class TrainResult:
     train_losses: list[float]
     seconds: float
     dropped_for_length: int
+    truncated: int = 0
+    stopped_at: int | None = None  # the step an interrupt stopped the run after (None: ran to the end)
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -198,12 +216,22 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
+SCHEDULES = ("cosine", "linear", "constant")
+# Options that may change between a run and its resumption (they do not change what is computed).
+RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "eval_batch_size"}
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to zero."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule (cosine or linear
+    decay to zero, or constant)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / (config.warmup_steps + 1)
+    if config.schedule == "constant":
+        return config.lr
     span = max(config.steps - config.warmup_steps, 1)
     progress = (step - config.warmup_steps) / span
+    if config.schedule == "linear":
+        return config.lr * (1.0 - progress)
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -260,28 +288,38 @@ def evaluate_loss(
 def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
     """Fine-tune `config.model` on `config.data` with LoRA and write the run folder `config.out`.
 
+    The run folder gets config.json, metrics.jsonl, a checkpoint every `save_every` steps (the last two are
+    kept), and at the end adapter/ (PEFT format), loss.png and summary.json. Ctrl-C (SIGINT) finishes the
+    current step, writes a checkpoint and returns with `stopped_at` set; `resume=True` continues from the
+    last checkpoint with the same per-step losses as an uninterrupted run.
+
     Args:
         config: the run's options.
         model, tokenizer: an already loaded model to train instead of loading `config.model`.
         progress: show a progress bar.
 
     Raises:
-        LoraqError: bad data or options; raised before any training step.
+        LoraqError: bad data or options, a run folder that holds a finished run (without `overwrite`) or an
+            incompatible one (with `resume`): before any training step. A NaN or infinite loss: the run
+            stops, the last good checkpoint stays.
     """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     out = Path(config.out)
+    check_run_folder(out, config)
     device, dtype = resolve_device(config)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model)
     splits = split_by_group(load_examples(config.data))
-    train_items, dropped = encode_all(tokenizer, splits.train, config.max_length)
-    val_items, dropped_val = encode_all(tokenizer, splits.val or splits.test, config.max_length)
+    encode_options = dict(drop_long=config.too_long == "drop", train_on_prompt=config.train_on_prompt)
+    train_items, stats = encode_all(tokenizer, splits.train, config.max_length, **encode_options)
+    val_items, val_stats = encode_all(tokenizer, splits.val or splits.test, config.max_length, **encode_options)
     if not train_items:
         raise LoraqError(f"data (--data): no training example fits --max-length {config.max_length}")
-    if dropped + dropped_val:
+    if stats.dropped + val_stats.dropped or stats.truncated + val_stats.truncated:
         print(
-            f"loraq: dropped {dropped + dropped_val} examples whose prompt alone fills --max-length {config.max_length}"
+            f"loraq: --max-length {config.max_length}: {stats.truncated + val_stats.truncated} examples truncated, "
+            f"{stats.dropped + val_stats.dropped} dropped (prompt alone too long, or --too-long drop)"
         )
     pad_id = tokenizer.pad_token_id
 
@@ -303,7 +341,6 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     if quant_errors:
         atomic_write_text(out / "quantization.json", json.dumps({"relative_error": quant_errors}, indent=1) + "\n")
     metrics_path = out / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
 
     def log(record: dict) -> None:
         with open(metrics_path, "a", encoding="utf-8") as f:
@@ -312,50 +349,139 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     def validate() -> float:
         return evaluate_loss(model, val_items, config.eval_batch_size, pad_id, device, dtype)
 
-    val_before = validate() if val_items else float("nan")
-    log({"step": 0, "val_loss": val_before})
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     batches = shuffled_batches(train_items, config.batch_size, pad_id, config.seed)
+    first = 0
+    checkpoint = latest_checkpoint(out) if config.resume else None
+    if checkpoint is not None:
+        first = load_checkpoint(checkpoint, model, optimizer)
+        for _ in range(first * config.grad_accum):  # the batches the run already trained on
+            next(batches)
+        truncate_metrics(metrics_path, first)
+        val_before = _first_val_loss(metrics_path)
+        print(f"loraq: resuming {out} from step {first}")
+    else:
+        metrics_path.unlink(missing_ok=True)
+        val_before = validate() if val_items else float("nan")
+        log({"step": 0, "val_loss": val_before})
+
     model.train()
     train_losses: list[float] = []
     val_after = val_before
-    bar = tqdm(range(config.steps), desc="train", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(config.grad_accum)]
-        n_total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        step_loss = 0.0
-        for batch in micro:
-            with autocast(device, dtype):
-                loss, _ = loss_sum(model, _to(batch, device))
-            (loss / n_total).backward()
-            step_loss += float(loss.detach()) / n_total
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-        lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        tok_s = tokens / (time.perf_counter() - t0)
-        train_losses.append(step_loss)
-        record = {
-            "step": step + 1,
-            "loss": step_loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": tokens,
-            "tok_s": tok_s,
-        }
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-        if val_items and ((config.eval_every and (step + 1) % config.eval_every == 0) or step + 1 == config.steps):
-            val_after = validate()
-            record["val_loss"] = val_after
-            bar.write(f"step {step + 1}: val_loss {val_after:.4f}")
-        log(record)
+    stop = _StopOnSigint()
+    bar = tqdm(range(first, config.steps), desc="train", disable=not progress, dynamic_ncols=True, initial=first,
+               total=config.steps)  # fmt: skip
+    stopped_at = None
+    with stop:
+        for step in bar:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(config.grad_accum)]
+            n_total = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), 1)
+            step_loss = 0.0
+            for batch in micro:
+                with autocast(device, dtype):
+                    loss, _ = loss_sum(model, _to(batch, device))
+                (loss / n_total).backward()
+                step_loss += float(loss.detach()) / n_total
+            if not math.isfinite(step_loss):
+                last = latest_checkpoint(out)
+                where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+                raise LoraqError(
+                    f"the training loss became {step_loss} at step {step + 1}; training stopped and {where}. "
+                    "Try a lower --lr, a smaller --max-grad-norm, or --compute-dtype fp32"
+                )
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            tok_s = tokens / (time.perf_counter() - t0)
+            train_losses.append(step_loss)
+            record = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+            record["tok_s"] = tok_s
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            done = step + 1 == config.steps
+            if val_items and ((config.eval_every and (step + 1) % config.eval_every == 0) or done):
+                val_after = validate()
+                model.train()
+                record["val_loss"] = val_after
+                bar.write(f"step {step + 1}: val_loss {val_after:.4f}")
+            log(record)
+            if (config.save_every and (step + 1) % config.save_every == 0) or done or stop.requested:
+                save_checkpoint(out, step + 1, model, optimizer)
+            if stop.requested and not done:
+                stopped_at = step + 1
+                bar.write(f"loraq: interrupted; checkpoint of step {step + 1} written; continue with --resume")
+                break
     bar.close()
     model.eval()
-    save_adapter(model, out / "adapter")
-    return TrainResult(model, tokenizer, out, val_before, val_after, train_losses, time.perf_counter() - start, dropped)
+    seconds = time.perf_counter() - start
+    if stopped_at is None:
+        save_adapter(model, out / "adapter")
+        write_report(out, seconds)
+    return TrainResult(
+        model, tokenizer, out, val_before, val_after, train_losses, seconds, stats.dropped, stats.truncated, stopped_at
+    )
+
+
+def check_run_folder(out: Path, config: TrainConfig) -> None:
+    """Refuse to overwrite a finished run (without --overwrite) or to resume an incompatible one."""
+    saved_path = out / "config.json"
+    if config.resume:
+        if not saved_path.is_file():
+            raise LoraqError(f"--resume: {out} holds no run to resume (no config.json)")
+        try:
+            saved = json.loads(saved_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LoraqError(f"--resume: {saved_path} cannot be read ({e})") from None
+        current = config.to_dict()
+        changed = sorted(
+            k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+        )
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise LoraqError(
+                f"--resume: the options differ from the run in {out} ({details}); resume with the same options"
+            )
+        if latest_checkpoint(out) is None:
+            raise LoraqError(f"--resume: {out} has no checkpoint yet; start it again without --resume")
+        return
+    if (out / "adapter").exists() and not config.overwrite:
+        raise LoraqError(f"{out} already holds a finished run; pass --overwrite to replace it, or choose another --out")
+    if config.overwrite:
+        import shutil
+
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def _first_val_loss(metrics_path: Path) -> float:
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("step") == 0:
+            return float(record.get("val_loss", float("nan")))
+    return float("nan")
+
+
+class _StopOnSigint:
+    """While active, the first Ctrl-C asks the loop to stop after the current step (a second one aborts)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
