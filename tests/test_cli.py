@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -129,3 +130,33 @@ def test_train_help_lists_every_option_with_default(capsys):
     ):
         assert flag in out
     assert "(default: 16)" in out
+
+
+def test_yaml_config_with_flag_overrides_and_typos(tmp_path, tiny_model_dir, capsys):
+    from conftest import E2E_TINY
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\ndata: {E2E_TINY}\nsteps: 3\nbatch-size: 4\nrank: 4\nlr: 1.0e-2\n"
+        f"eval_every: 0\nout: {tmp_path / 'run'}\n"
+    )
+    assert main(["train", "--config", str(cfg), "--steps", "2"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["steps"] == 2 and saved["rank"] == 4 and saved["batch_size"] == 4  # the flag wins
+    capsys.readouterr()
+    cfg.write_text("model: x\nlearning_rate: 1e-3\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "unknown option 'learning_rate'" in capsys.readouterr().err
+    cfg.write_text("steps: many\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "--steps must be a positive integer, got 'many'" in capsys.readouterr().err
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    from loraq import TrainConfig
+
+    folder = Path(__file__).parent.parent / "configs"
+    methods = {TrainConfig.from_yaml(path).method for path in folder.glob("*.yaml")}
+    assert methods == {"lora", "qlora", "qalora"}

@@ -20,18 +20,22 @@ def _parse_targets(value: str) -> str | list[str]:
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
+    parser.add_argument(
+        "--config", default=None, help="a YAML file of options (these flags' names); flags given here override it"
+    )
+    # Defaults are not set on the parser, so that only flags actually given override the config file.
     for f in dataclasses.fields(TrainConfig):
         if not f.init:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=help_text)
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
         elif f.name == "targets":
-            parser.add_argument(flag, type=_parse_targets, default=f.default, help=help_text)
+            parser.add_argument(flag, type=_parse_targets, default=argparse.SUPPRESS, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,9 +102,10 @@ def _run(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     if args.command == "train":
-        from .train import TrainConfig, train
+        from .train import TrainConfig, read_config_file, train
 
-        options = {k: v for k, v in vars(args).items() if k != "command"}
+        flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+        options = {**(read_config_file(args.config) if args.config else {}), **flags}
         result = train(TrainConfig(**options))
         if result.stopped_at is not None:
             print(f"stopped after step {result.stopped_at}; continue with the same command and --resume")

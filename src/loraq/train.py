@@ -7,14 +7,16 @@ and per evaluation) and `adapter/` (PEFT format), each written atomically.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import json
 import math
+import os
 import re
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -43,7 +45,8 @@ class TrainConfig:
     """Everything a training run needs; every field is a `loraq train` flag of the same name."""
 
     model: str = _opt(DEFAULT_MODEL, "model: 'smollm2-135m', a Hugging Face folder, a .gguf file or a hub id")
-    data: str = _opt("e2e", "data: 'e2e' (default task), a prompt/completion .jsonl or a bigbench task .json")
+    data: str = _opt("e2e", "data: 'e2e' (the default task) or a .jsonl/.json/.csv/.parquet/.txt file")
+    data_format: str = _opt("auto", "record format: auto, alpaca, chat, prompt-completion, text or bigbench")
     method: str = _opt(
         "lora", "lora; qlora (NF4 4-bit base, double quantization); qalora (INT-k base, group-pooled adapter)"
     )
@@ -157,6 +160,39 @@ class TrainConfig:
         d = asdict(self)
         d.pop("lora")
         return d
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
+        """A config from a YAML file of option names (as in `loraq train --help`, with _ or -), with
+        `overrides` on top. Unknown keys are refused with the closest valid key suggested."""
+        return cls(**{**read_config_file(path), **overrides})
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The options in a YAML config file, keys normalised to TrainConfig field names and checked."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoraqError(f"--config: {path} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LoraqError(f"--config: {path} is not valid YAML ({e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise LoraqError(f"--config: {path} must hold a mapping of option: value, not {type(raw).__name__}")
+    names = [f.name for f in fields(TrainConfig) if f.init]
+    options = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise LoraqError(f"--config: {path}: unknown option {key!r}{hint}")
+        options[name] = value
+    return options
 
 
 @dataclass
@@ -310,7 +346,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     device, dtype = resolve_device(config)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model)
-    splits = split_by_group(load_examples(config.data))
+    splits = split_by_group(load_examples(config.data, config.data_format))
     encode_options = dict(drop_long=config.too_long == "drop", train_on_prompt=config.train_on_prompt)
     train_items, stats = encode_all(tokenizer, splits.train, config.max_length, **encode_options)
     val_items, val_stats = encode_all(tokenizer, splits.val or splits.test, config.max_length, **encode_options)
