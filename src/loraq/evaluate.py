@@ -8,6 +8,7 @@ token but the first of each window is predicted.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -132,3 +133,88 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(a), lcs / len(b)
     return 2 * precision * recall / (precision + recall)
+
+
+@dataclass
+class EvalReport:
+    model: str
+    adapter: str | None
+    val_loss: float | None = None
+    val_perplexity: float | None = None
+    text_perplexity: float | None = None
+    bleu: float | None = None
+    rouge_l: float | None = None
+    samples: list[dict] | None = None
+
+    def __str__(self) -> str:
+        parts = [f"{self.model}" + (f" + {self.adapter}" if self.adapter else "")]
+        if self.val_loss is not None:
+            parts.append(f"validation loss {self.val_loss:.4f} (perplexity {self.val_perplexity:.2f})")
+        if self.text_perplexity is not None:
+            parts.append(f"text perplexity {self.text_perplexity:.2f}")
+        if self.bleu is not None:
+            parts.append(f"BLEU {self.bleu:.2f}, ROUGE-L {self.rouge_l:.4f} on {len(self.samples or [])} inputs")
+        return "; ".join(parts)
+
+
+def evaluate_run(
+    run_or_model: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    data: str | None = None,
+    text: list[str | os.PathLike] | None = None,
+    held_out: bool = False,
+    generations: int = 0,
+    max_tokens: int = 65536,
+) -> EvalReport:
+    """Evaluate a run folder (its model, method, base and adapter) or a model (with an optional adapter).
+
+    Args:
+        data: dataset for loss/perplexity on its validation split and for generations on its test split
+            (default: the run's data; none for a bare model).
+        text: plain text files to measure perplexity on; `held_out` uses the default held-out text.
+        generations: greedy generations on that many test prompts, scored by BLEU and ROUGE-L.
+    """
+    from .config import LoraConfig
+    from .data import encode_all, load_examples, split_by_group
+    from .methods import prepare_base
+    from .models import load_tokenizer
+    from .peft_format import load_adapter
+    from .train import evaluate_loss
+
+    path = Path(run_or_model)
+    run_config = {}
+    if (path / "config.json").is_file() and (path / "adapter").is_dir():
+        run_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        model_name, adapter = run_config["model"], adapter or path / "adapter"
+    else:
+        model_name = str(run_or_model)
+    method = LoraConfig(
+        method=run_config.get("method", "lora"),
+        bits=run_config.get("bits", 4),
+        group_size=run_config.get("group_size", 32),
+        quantizer=run_config.get("quantizer", "rtn"),
+    )
+    data = data or run_config.get("data")
+    tokenizer = load_tokenizer(model_name)
+    splits = split_by_group(load_examples(data, run_config.get("data_format", "auto"))) if data else None
+    calibration = None
+    if method.method == "qalora" and method.quantizer == "gptq" and splits:
+        calibration, _ = encode_all(tokenizer, splits.train, run_config.get("max_length", 256))
+    model, tokenizer, _ = prepare_base(model_name, method, calibration, tokenizer.pad_token_id)
+    if adapter:
+        load_adapter(model, adapter)
+    report = EvalReport(model_name, str(adapter) if adapter else None)
+    if splits:
+        items, _ = encode_all(tokenizer, splits.val or splits.test, run_config.get("max_length", 256))
+        if items:
+            report.val_loss = evaluate_loss(model, items, 16, tokenizer.pad_token_id)
+            report.val_perplexity = math.exp(report.val_loss)
+        if generations:
+            scores = generation_scores(model, tokenizer, splits.test or splits.val, max_inputs=generations)
+            report.bleu, report.rouge_l, report.samples = scores.bleu, scores.rouge_l, scores.samples
+    if text or held_out:
+        body = read_text_files(text) if text else held_out_text()
+        report.text_perplexity = perplexity(model, tokenizer, body, max_tokens=max_tokens)
+    if report.val_loss is None and report.text_perplexity is None:
+        raise LoraqError("eval: nothing to measure; give --data, --text or --held-out")
+    return report

@@ -1,0 +1,72 @@
+"""`loraq compare`: one table across run folders (from their config.json and summary.json) and a bar chart
+of their best validation losses."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import LoraqError
+
+COLUMNS = ("run", "method", "steps", "best val loss", "minutes", "tokens/s", "peak RSS MB")
+
+
+def compare_runs(runs: list[str | os.PathLike], chart: str | os.PathLike | None = None) -> list[dict]:
+    """Rows describing each finished run; with `chart`, a PNG bar chart of best validation loss.
+
+    Raises:
+        LoraqError: a folder is not a finished run (no summary.json).
+    """
+    rows = []
+    for run in runs:
+        path = Path(run)
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise LoraqError(f"{path}: not a finished run folder (needs config.json and summary.json)") from None
+        seconds = summary.get("wall_seconds") or 0
+        rows.append(
+            {
+                "run": str(path),
+                "method": config.get("method", "lora")
+                + (f" int{config.get('bits')}" if config.get("method") == "qalora" else ""),
+                "steps": summary.get("steps"),
+                "best val loss": summary.get("best_val_loss"),
+                "minutes": round(seconds / 60, 2),
+                "tokens/s": round(summary.get("tokens_seen", 0) / seconds) if seconds else None,
+                "peak RSS MB": summary.get("peak_rss_mb"),
+            }
+        )
+    if chart:
+        _bar_chart(rows, Path(chart))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cells = [[str(r[c]) if not isinstance(r[c], float) else f"{r[c]:.4f}" for c in COLUMNS] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _bar_chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows) + 2), 4), dpi=110)
+    labels = [Path(r["run"]).name + f"\n{r['method']}" for r in rows]
+    values = [r["best val loss"] or 0 for r in rows]
+    ax.bar(labels, values, color="#4c72b0")
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom")
+    ax.set_ylabel("best validation loss")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
