@@ -78,6 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="validation data for the error report (default: the run's)")
     p.add_argument("--prompts", type=int, default=16, help="validation examples to measure on (default: 16)")
 
+    p = sub.add_parser("eval", help="loss, perplexity and generation scores of a run or a model")
+    p.add_argument("run", help="a run folder (its model, method and adapter), or a model")
+    p.add_argument("--adapter", default=None, help="adapter folder to attach to a model (default: the run's)")
+    p.add_argument("--data", default=None, help="dataset: loss on its validation split (default: the run's)")
+    p.add_argument("--text", nargs="+", default=None, help="plain text files to measure perplexity on")
+    p.add_argument("--held-out", action="store_true", help="perplexity on the default held-out text (Shakespeare)")
+    p.add_argument("--generate", type=int, default=0, help="score greedy generations on N test prompts (BLEU, ROUGE-L)")
+    p.add_argument("--max-tokens", type=int, default=65536, help="tokens of text for perplexity (default: 65536)")
+    p.add_argument("--out", default=None, help="write the report (and the samples) to this JSON file")
+
+    p = sub.add_parser("compare", help="one table across finished runs, and a bar chart")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--chart", default="compare.png", help="bar chart of best validation loss (default: compare.png)")
+
+    p = sub.add_parser("plan", help="estimate the memory a fine-tune needs, before loading anything")
+    p.add_argument("--model", default="smollm2-135m", help="model (default: smollm2-135m)")
+    p.add_argument("--method", default="lora", help="lora, qlora or qalora (default: lora)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per example (default: 256)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--bits", type=int, default=4, help="qalora bits (default: 4)")
+    p.add_argument("--group-size", type=int, default=32, help="qalora group size (default: 32)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="with gradient checkpointing")
+    p.add_argument("--loss-fraction", type=float, default=1.0, help="share of positions with a loss (default: 1)")
+
     p = sub.add_parser("demo", help="fine-tune the default model on E2E NLG and show before/after")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="override the demo's number of steps")
@@ -137,6 +162,34 @@ def _run(args: argparse.Namespace) -> int:
             prompts=args.prompts,
         )
         print(report)
+    elif args.command == "eval":
+        import json
+
+        from .atomic import atomic_write_text
+        from .evaluate import evaluate_run
+
+        report = evaluate_run(
+            args.run, args.adapter, args.data, args.text, args.held_out, args.generate, args.max_tokens
+        )
+        print(report)
+        if args.out:
+            atomic_write_text(args.out, json.dumps(report.__dict__, indent=2) + "\n")
+    elif args.command == "compare":
+        from .compare import compare_runs, format_table
+
+        print(format_table(compare_runs(args.runs, args.chart)))
+        print(f"chart: {args.chart}")
+    elif args.command == "plan":
+        from .plan import plan_memory
+
+        if min(args.batch_size, args.seq_len, args.rank) < 1 or not 0 < args.loss_fraction <= 1:
+            raise LoraqError("--batch-size, --seq-len and --rank must be >= 1 and --loss-fraction in (0, 1]")
+        print(
+            plan_memory(
+                args.model, args.method, args.batch_size, args.seq_len, args.rank, args.bits, args.group_size,
+                args.grad_checkpoint, args.loss_fraction,
+            )
+        )  # fmt: skip
     elif args.command == "demo":
         from .demo import run_demo
 

@@ -214,7 +214,7 @@ def evaluate_run(
             report.bleu, report.rouge_l, report.samples = scores.bleu, scores.rouge_l, scores.samples
     if text or held_out:
         body = read_text_files(text) if text else held_out_text()
-        report.text_perplexity = perplexity(model, tokenizer, body, max_tokens=max_tokens)
+        report.text_perplexity = perplexity(model, tokenizer, body, window=min(512, max_tokens), max_tokens=max_tokens)
     if report.val_loss is None and report.text_perplexity is None:
         raise LoraqError("eval: nothing to measure; give --data, --text or --held-out")
     return report

@@ -34,6 +34,7 @@ from .models import DEFAULT_MODEL, load_tokenizer
 from .peft_format import save_adapter
 from .report import write_report
 from .resume import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
+from .tensorboard import EventWriter
 
 
 def _opt(default, help: str):
@@ -342,8 +343,13 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     out = Path(config.out)
+    rank, world = init_distributed(config)
+    writer = rank == 0  # with several processes only rank 0 writes the run folder
+    progress = progress and writer
     check_run_folder(out, config)
     device, dtype = resolve_device(config)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model)
     splits = split_by_group(load_examples(config.data, config.data_format))
@@ -371,16 +377,25 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    print(f"loraq: {parameter_summary(model)}")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    if quant_errors:
-        atomic_write_text(out / "quantization.json", json.dumps({"relative_error": quant_errors}, indent=1) + "\n")
+    if writer:
+        print(f"loraq: {parameter_summary(model)}" + (f" on {world} processes" if world > 1 else ""))
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        if quant_errors:
+            report = json.dumps({"relative_error": quant_errors}, indent=1) + "\n"
+            atomic_write_text(out / "quantization.json", report)
     metrics_path = out / "metrics.jsonl"
 
+    events = EventWriter(out / "tensorboard") if writer else None
+
     def log(record: dict) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if writer:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            scalars = {f"train/{k}": v for k, v in record.items() if k in ("loss", "lr", "grad_norm", "tok_s")}
+            if "val_loss" in record:
+                scalars["eval/loss"] = record["val_loss"]
+            events.scalars(record["step"], scalars)
 
     def validate() -> float:
         return evaluate_loss(model, val_items, config.eval_batch_size, pad_id, device, dtype)
@@ -394,11 +409,13 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         first = load_checkpoint(checkpoint, model, optimizer)
         for _ in range(first * config.grad_accum):  # the batches the run already trained on
             next(batches)
-        truncate_metrics(metrics_path, first)
+        if writer:
+            truncate_metrics(metrics_path, first)
         val_before = _first_val_loss(metrics_path)
         print(f"loraq: resuming {out} from step {first}")
     else:
-        metrics_path.unlink(missing_ok=True)
+        if writer:
+            metrics_path.unlink(missing_ok=True)
         val_before = validate() if val_items else float("nan")
         log({"step": 0, "val_loss": val_before})
 
@@ -416,10 +433,15 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             n_total = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), 1)
             step_loss = 0.0
             for batch in micro:
+                shard = {k: v[rank::world] for k, v in batch.items()}  # each process its rows of the batch
+                if len(shard["input_ids"]) == 0:
+                    continue
                 with autocast(device, dtype):
-                    loss, _ = loss_sum(model, _to(batch, device))
+                    loss, _ = loss_sum(model, _to(shard, device))
                 (loss / n_total).backward()
                 step_loss += float(loss.detach()) / n_total
+            if world > 1:
+                step_loss = _all_reduce_gradients(params, step_loss, device)
             if not math.isfinite(step_loss):
                 last = latest_checkpoint(out)
                 where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
@@ -446,7 +468,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
                 record["val_loss"] = val_after
                 bar.write(f"step {step + 1}: val_loss {val_after:.4f}")
             log(record)
-            if (config.save_every and (step + 1) % config.save_every == 0) or done or stop.requested:
+            if writer and ((config.save_every and (step + 1) % config.save_every == 0) or done or stop.requested):
                 save_checkpoint(out, step + 1, model, optimizer)
             if stop.requested and not done:
                 stopped_at = step + 1
@@ -455,12 +477,42 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     bar.close()
     model.eval()
     seconds = time.perf_counter() - start
-    if stopped_at is None:
+    if stopped_at is None and writer:
         save_adapter(model, out / "adapter")
         write_report(out, seconds)
+    if world > 1:
+        torch.distributed.barrier()
     return TrainResult(
         model, tokenizer, out, val_before, val_after, train_losses, seconds, stats.dropped, stats.truncated, stopped_at
     )
+
+
+def init_distributed(config: TrainConfig) -> tuple[int, int]:
+    """(rank, world size): one process unless started by torchrun (WORLD_SIZE > 1), then the process group
+    (nccl on CUDA, gloo on CPU) is joined here."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and config.device != "cpu"
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_reduce_gradients(params: list[nn.Parameter], step_loss: float, device: torch.device) -> float:
+    """Sum every adapter gradient and the loss over the processes: each process computed its rows' share of
+    the token-weighted loss of the same global batch, so the sums are the single-process values."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+    total = torch.tensor([step_loss], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total)
 
 
 def check_run_folder(out: Path, config: TrainConfig) -> None:
