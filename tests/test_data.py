@@ -178,3 +178,20 @@ def test_shuffled_batches_are_seeded_and_cover_each_epoch():
     again = [b["input_ids"].flatten().tolist() for _, b in zip(range(4), shuffled_batches(items, 3, 0, seed=1))]
     assert first == again
     assert sorted(sum(first, [])) == list(range(10))  # 3+3+3+1: one full epoch
+
+
+def test_packed_examples_do_not_see_each_other(tiny):
+    import torch
+
+    from loraq.data import pack
+    from loraq.train import loss_sum
+
+    model, tok = tiny
+    items, _ = encode_all(tok, [Example("Say hi.", "Hi there.", "a"), Example("Count.", "One two three.", "b")], 64)
+    packed = pack(items, 64)
+    assert len(packed) == 1 and packed[0]["position_ids"].count(0) == 2
+    batch = collate(packed, tok.pad_token_id)
+    separate = sum(loss_sum(model, collate([it], tok.pad_token_id))[0] for it in items)
+    together, n = loss_sum(model, batch)
+    assert n == sum(int((torch.tensor(it["labels"][1:]) != IGNORE_INDEX).sum()) for it in items)
+    torch.testing.assert_close(together, separate, rtol=1e-5, atol=1e-5)

@@ -98,3 +98,13 @@ def test_max_length_below_every_prompt_fails_before_training(tmp_path, tiny_mode
     with pytest.raises(LoraqError, match="no training example fits --max-length 8"):
         loraq.train(config(tmp_path, tiny_model_dir, max_length=8), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_packing_and_a_separate_validation_file(tmp_path, tiny_model_dir):
+    from conftest import FIXTURES
+
+    cfg = config(tmp_path, tiny_model_dir, packing=True, val_data=str(FIXTURES / "pairs.jsonl"), steps=3, eval_every=0)
+    result = loraq.train(cfg, progress=False)
+    assert result.train_losses[-1] < result.train_losses[0]
+    default = loraq.train(config(tmp_path / "d", tiny_model_dir, steps=1, eval_every=0), progress=False)
+    assert result.val_loss_before != pytest.approx(default.val_loss_before)  # measured on the other file

@@ -298,18 +298,51 @@ def encode_all(
     return kept, stats
 
 
+def pack(items: list[dict], max_length: int, seed: int = 0) -> list[dict]:
+    """Concatenate encoded examples (in a seeded random order) into sequences of up to `max_length` tokens.
+
+    Each packed sequence carries `position_ids` that restart at 0 for every example; with no attention mask,
+    transformers reads them as separate sequences and lets no token attend across an example boundary. The
+    first token of each example gets no label, so nothing is predicted across a boundary either.
+    """
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    packed: list[dict] = []
+    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for i in order:
+        item = items[i]
+        if current["input_ids"] and len(current["input_ids"]) + len(item["input_ids"]) > max_length:
+            packed.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += item["input_ids"]
+        current["labels"] += [IGNORE_INDEX] + item["labels"][1:]
+        current["position_ids"] += list(range(len(item["input_ids"])))
+    if current["input_ids"]:
+        packed.append(current)
+    return packed
+
+
 def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of encoded examples into (B, T) tensors."""
+    """Right-pad a list of encoded examples into (B, T) tensors (packed ones get position_ids instead of an
+    attention mask; their padding continues the last example's positions and carries no label)."""
     width = max(len(it["input_ids"]) for it in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
+    packed = "position_ids" in items[0]
+    positions = torch.zeros((len(items), width), dtype=torch.long)
     for i, it in enumerate(items):
         n = len(it["input_ids"])
         input_ids[i, :n] = torch.tensor(it["input_ids"])
         labels[i, :n] = torch.tensor(it["labels"])
         mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+        if packed:
+            last = it["position_ids"][-1]
+            positions[i, :n] = torch.tensor(it["position_ids"])
+            positions[i, n:] = torch.arange(last + 1, last + 1 + width - n)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    if packed:
+        batch["position_ids"] = positions
+    return batch
 
 
 def shuffled_batches(items: list[dict], batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:

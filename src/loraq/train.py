@@ -26,7 +26,16 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
 from .config import LoraConfig
-from .data import IGNORE_INDEX, encode_all, load_examples, ordered_batches, shuffled_batches, split_by_group
+from .data import (
+    IGNORE_INDEX,
+    Splits,
+    encode_all,
+    load_examples,
+    ordered_batches,
+    pack,
+    shuffled_batches,
+    split_by_group,
+)
 from .errors import LoraqError
 from .inject import apply, parameter_summary
 from .methods import prepare_base
@@ -47,6 +56,7 @@ class TrainConfig:
 
     model: str = _opt(DEFAULT_MODEL, "model: 'smollm2-135m', a Hugging Face folder, a .gguf file or a hub id")
     data: str = _opt("e2e", "data: 'e2e' (the default task) or a .jsonl/.json/.csv/.parquet/.txt file")
+    val_data: str = _opt("", "validation data file (default: 10% of --data, split by group, never trained on)")
     data_format: str = _opt("auto", "record format: auto, alpaca, chat, prompt-completion, text or bigbench")
     method: str = _opt(
         "lora", "lora; qlora (NF4 4-bit base, double quantization); qalora (INT-k base, group-pooled adapter)"
@@ -72,6 +82,7 @@ class TrainConfig:
     max_length: int = _opt(256, "maximum tokens per example")
     too_long: str = _opt("truncate", "examples longer than --max-length: truncate, or drop (counted either way)")
     train_on_prompt: bool = _opt(False, "put the loss on the prompt too, not only on the response")
+    packing: bool = _opt(False, "pack short examples into sequences of --max-length (no attention across them)")
     eval_every: int = _opt(50, "validation every N steps (0: only at the end)")
     eval_batch_size: int = _opt(16, "examples per validation batch")
     seed: int = _opt(0, "random seed")
@@ -284,7 +295,11 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     if _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep
         labels = labels[:, keep]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    if "position_ids" in batch:  # packed: positions restart per example and transformers masks across them
+        kwargs.update(position_ids=batch["position_ids"], use_cache=False)
+    else:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    logits = model(input_ids=batch["input_ids"], **kwargs).logits
     if "logits_to_keep" not in kwargs:
         logits = logits[:, :-1]
     n = int((labels != IGNORE_INDEX).sum())
@@ -352,7 +367,11 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model)
-    splits = split_by_group(load_examples(config.data, config.data_format))
+    if config.val_data:  # all of --data trains; --val-data validates
+        examples = load_examples(config.data, config.data_format)
+        splits = Splits(examples, load_examples(config.val_data, config.data_format), [])
+    else:
+        splits = split_by_group(load_examples(config.data, config.data_format))
     encode_options = dict(drop_long=config.too_long == "drop", train_on_prompt=config.train_on_prompt)
     train_items, stats = encode_all(tokenizer, splits.train, config.max_length, **encode_options)
     val_items, val_stats = encode_all(tokenizer, splits.val or splits.test, config.max_length, **encode_options)
@@ -402,6 +421,13 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.packing:
+        before = len(train_items)
+        train_items = pack(train_items, config.max_length, config.seed)
+        if writer:
+            print(
+                f"loraq: packed {before} examples into {len(train_items)} sequences of up to {config.max_length} tokens"
+            )
     batches = shuffled_batches(train_items, config.batch_size, pad_id, config.seed)
     first = 0
     checkpoint = latest_checkpoint(out) if config.resume else None
