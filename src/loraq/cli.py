@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load a legacy pickle adapter (adapter_model.bin); pickle can run code: only for files you trust",
+    )
 
     p = sub.add_parser(
         "merge",
@@ -77,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", default=None, help="validation data for the error report (default: the run's)")
     p.add_argument("--prompts", type=int, default=16, help="validation examples to measure on (default: 16)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load a legacy pickle adapter (adapter_model.bin); pickle can run code: only for files you trust",
+    )
 
     p = sub.add_parser("eval", help="loss, perplexity and generation scores of a run or a model")
     p.add_argument("run", help="a run folder (its model, method and adapter), or a model")
@@ -146,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
             raise LoraqError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         model, tokenizer = load_model(args.model)
         if args.adapter:
-            load_adapter(model, args.adapter)
+            load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
         print(generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.no_chat))
     elif args.command == "merge":
         from .export import merge_run
@@ -160,6 +170,7 @@ def _run(args: argparse.Namespace) -> int:
             requantize=args.requantize,
             data=args.data,
             prompts=args.prompts,
+            allow_pickle=args.allow_pickle,
         )
         print(report)
     elif args.command == "eval":

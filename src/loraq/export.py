@@ -84,6 +84,7 @@ def merge_run(
     requantize: str | None = None,
     data: str | None = None,
     prompts: int = 16,
+    allow_pickle: bool = False,
 ) -> MergeReport:
     """Merge a run's adapter into the base it was trained on and write the result.
 
@@ -100,6 +101,7 @@ def merge_run(
             the error is reported. Not needed (and refused) after a QA-LoRA merge, which stays INT-k.
         data: validation data for the error report, overriding the run's ("e2e" by default).
         prompts: how many validation examples to measure on.
+        allow_pickle: also read a legacy pickle adapter (adapter_model.bin). Pickle can run code.
 
     Raises:
         LoraqError: a bad option, run folder, adapter or model, or a format the merged model cannot take.
@@ -140,7 +142,7 @@ def merge_run(
             tokenizer, split_by_group(load_examples(data_name)).train, run_config.get("max_length", 256)
         )
     base, tokenizer, _ = prepare_base(model_name, method, calibration, tokenizer.pad_token_id)
-    load_adapter(base, adapter_dir)
+    load_adapter(base, adapter_dir, allow_pickle=allow_pickle)
     if not lora_layers(base):
         raise LoraqError(f"{adapter_dir}: the adapter attached to no layer of {model_name}")
     batches = _validation_batches(tokenizer, data_name, prompts)

@@ -147,7 +147,10 @@ def read_adapter_tensors(folder: str | os.PathLike, allow_pickle: bool = False) 
                 "Convert it to safetensors, or pass --allow-pickle if you trust its source"
             )
         if legacy.is_file():
-            return torch.load(legacy, map_location="cpu", weights_only=True)
+            try:  # even when allowed, only tensors: torch's restricted unpickler refuses any other object
+                return torch.load(legacy, map_location="cpu", weights_only=True)
+            except Exception as e:  # UnpicklingError, EOFError, RuntimeError...
+                raise LoraqError(f"{legacy}: refused by the tensors-only unpickler ({type(e).__name__}: {e})") from None
         raise LoraqError(f"{path} is missing: an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         return load_file(str(path))

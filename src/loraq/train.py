@@ -458,14 +458,23 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             micro = [next(batches) for _ in range(config.grad_accum)]
             n_total = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), 1)
             step_loss = 0.0
-            for batch in micro:
-                shard = {k: v[rank::world] for k, v in batch.items()}  # each process its rows of the batch
-                if len(shard["input_ids"]) == 0:
-                    continue
-                with autocast(device, dtype):
-                    loss, _ = loss_sum(model, _to(shard, device))
-                (loss / n_total).backward()
-                step_loss += float(loss.detach()) / n_total
+            try:
+                for batch in micro:
+                    shard = {k: v[rank::world] for k, v in batch.items()}  # each process its rows of the batch
+                    if len(shard["input_ids"]) == 0:
+                        continue
+                    with autocast(device, dtype):
+                        loss, _ = loss_sum(model, _to(shard, device))
+                    (loss / n_total).backward()
+                    step_loss += float(loss.detach()) / n_total
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not _is_out_of_memory(e):
+                    raise
+                raise LoraqError(
+                    f"out of memory at step {step + 1} (batch {config.batch_size} x up to {config.max_length} tokens, "
+                    f"{config.method}): run `loraq plan` to size it, or use a smaller --batch-size with --grad-accum, "
+                    "--grad-checkpoint, a shorter --max-length, or --method qlora/qalora"
+                ) from None
             if world > 1:
                 step_loss = _all_reduce_gradients(params, step_loss, device)
             if not math.isfinite(step_loss):
@@ -495,7 +504,14 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
                 bar.write(f"step {step + 1}: val_loss {val_after:.4f}")
             log(record)
             if writer and ((config.save_every and (step + 1) % config.save_every == 0) or done or stop.requested):
-                save_checkpoint(out, step + 1, model, optimizer)
+                try:
+                    save_checkpoint(out, step + 1, model, optimizer)
+                except OSError as e:
+                    last = latest_checkpoint(out)
+                    kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint exists"
+                    raise LoraqError(
+                        f"could not write the checkpoint of step {step + 1} ({e.strerror or e}); {kept}"
+                    ) from None
             if stop.requested and not done:
                 stopped_at = step + 1
                 bar.write(f"loraq: interrupted; checkpoint of step {step + 1} written; continue with --resume")
@@ -511,6 +527,11 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     return TrainResult(
         model, tokenizer, out, val_before, val_after, train_losses, seconds, stats.dropped, stats.truncated, stopped_at
     )
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def init_distributed(config: TrainConfig) -> tuple[int, int]:
