@@ -160,3 +160,20 @@ def test_example_configs_are_valid():
     folder = Path(__file__).parent.parent / "configs"
     methods = {TrainConfig.from_yaml(path).method for path in folder.glob("*.yaml")}
     assert methods == {"lora", "qlora", "qalora"}
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "merge", "eval", "compare", "plan", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: loraq " + command in text
+    if command == "train":
+        import dataclasses
+
+        from loraq import TrainConfig
+
+        for f in dataclasses.fields(TrainConfig):
+            if f.init:
+                assert "--" + f.name.replace("_", "-") in text

@@ -28,7 +28,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         if not f.init:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
         elif f.name == "targets":
