@@ -34,3 +34,15 @@ def test_default_model_end_to_end():
     assert loraq.parameter_summary(model).trainable == 4_884_480
     text = loraq.generate(model, tok, "What is the capital of France?", max_new_tokens=12)
     assert "Paris" in text
+
+
+@pytest.mark.slow
+def test_demo_writes_a_fine_tuned_gguf_of_the_same_size(tmp_path):
+    from loraq.demo import GGUF_NAME, run_demo
+    from loraq.fetch import SMOLLM2_GGUF, fetch
+
+    result = run_demo(str(tmp_path / "demo"), steps=2)
+    written = tmp_path / "demo" / GGUF_NAME
+    assert abs(written.stat().st_size - fetch(SMOLLM2_GGUF).stat().st_size) < 4096
+    samples = (tmp_path / "demo" / "samples.json").read_text()
+    assert "after, from the written GGUF" in samples and result.val_loss_after < result.val_loss_before
