@@ -1,8 +1,8 @@
 """Perplexity of the default model on held-out text (64K tokens of Shakespeare, windows of 512) with every
-linear layer but the head quantized: fp32, loraq NF4 / NF4+DQ / FP4 (blocksize 64), and bitsandbytes NF4+DQ.
-A bit-exact NF4+DQ gives bitsandbytes' perplexity to the last digit.
+linear layer but the head quantized: fp32, loraq NF4 / NF4+DQ / FP4 (blocksize 64), bitsandbytes NF4+DQ, and
+INT-k RTN (e.g. int4-g32, which reproduces the default model's own Q4_1 codes: the same perplexity as fp32).
 
-    .venv/bin/python bench/perplexity.py [--max-tokens 65536] [--setups fp32,nf4-dq,bnb-nf4-dq,nf4,fp4]
+    .venv/bin/python bench/perplexity.py [--max-tokens 65536] [--setups fp32,nf4-dq,bnb-nf4-dq,nf4,fp4,int4-g32]
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ def load(setup: str):
             folder, dtype=torch.float32, quantization_config=config, device_map="cpu"
         )
         return model, AutoTokenizer.from_pretrained(folder)
+    if setup.startswith("int"):  # e.g. int4-g32: RTN, llama.cpp's Q4_1 rule
+        from loraq.quant.linear import int_layers
+
+        bits, _, group = setup[3:].partition("-g")
+        return loraq.load_model("smollm2-135m", quantize_layer=int_layers(int(bits), int(group)))
     model, tokenizer = loraq.load_model("smollm2-135m")
     if setup != "fp32":
         quant_type, _, dq = setup.partition("-")
