@@ -174,9 +174,8 @@ def evaluate_run(
         text: plain text files to measure perplexity on; `held_out` uses the default held-out text.
         generations: greedy generations on that many test prompts, scored by BLEU and ROUGE-L.
     """
-    from .config import LoraConfig
     from .data import encode_all, load_examples, split_by_group
-    from .methods import prepare_base
+    from .methods import rebuild_base
     from .models import load_tokenizer
     from .peft_format import load_adapter
     from .train import evaluate_loss
@@ -188,19 +187,9 @@ def evaluate_run(
         model_name, adapter = run_config["model"], adapter or path / "adapter"
     else:
         model_name = str(run_or_model)
-    method = LoraConfig(
-        method=run_config.get("method", "lora"),
-        bits=run_config.get("bits", 4),
-        group_size=run_config.get("group_size", 32),
-        quantizer=run_config.get("quantizer", "rtn"),
-    )
     data = data or run_config.get("data")
-    tokenizer = load_tokenizer(model_name)
     splits = split_by_group(load_examples(data, run_config.get("data_format", "auto"))) if data else None
-    calibration = None
-    if method.method == "qalora" and method.quantizer == "gptq" and splits:
-        calibration, _ = encode_all(tokenizer, splits.train, run_config.get("max_length", 256))
-    model, tokenizer, _ = prepare_base(model_name, method, calibration, tokenizer.pad_token_id)
+    model, tokenizer = rebuild_base(model_name, run_config, load_tokenizer(model_name))
     if adapter:
         load_adapter(model, adapter)
     report = EvalReport(model_name, str(adapter) if adapter else None)

@@ -19,11 +19,10 @@ import torch
 from torch import nn
 
 from .atomic import atomic_folder
-from .config import LoraConfig
 from .data import encode_all, load_examples, ordered_batches, split_by_group
 from .errors import LoraqError
 from .inject import lora_layers, merge, unload
-from .methods import gguf_source, prepare_base
+from .methods import gguf_source, method_of, rebuild_base
 from .models import load_tokenizer
 from .peft_format import load_adapter, read_adapter_config, save_adapter
 from .quant.checkpoint import write_quantized
@@ -122,12 +121,7 @@ def merge_run(
     model_name = model or run_config.get("model") or _adapter_base_name(adapter_dir)
     if not model_name:
         raise LoraqError(f"{adapter_dir}: the base model is unknown; pass --model")
-    method = LoraConfig(
-        method=run_config.get("method", "lora"),
-        bits=run_config.get("bits", 4),
-        group_size=run_config.get("group_size", 32),
-        quantizer=run_config.get("quantizer", "rtn"),
-    )
+    method = method_of(run_config)
     if requantize and method.method == "qalora":
         raise LoraqError("--requantize: a QA-LoRA merge is already INT-k and exact; export it without re-quantizing")
     if format == "gguf" and gguf_source(model_name) is None:
@@ -135,13 +129,7 @@ def merge_run(
             f"--format gguf copies the source GGUF's metadata, but {model_name!r} was not loaded from a GGUF"
         )
     data_name = data or run_config.get("data") or "e2e"
-    tokenizer = load_tokenizer(model_name)
-    calibration = None
-    if method.method == "qalora" and method.quantizer == "gptq":
-        calibration, _ = encode_all(
-            tokenizer, split_by_group(load_examples(data_name)).train, run_config.get("max_length", 256)
-        )
-    base, tokenizer, _ = prepare_base(model_name, method, calibration, tokenizer.pad_token_id)
+    base, tokenizer = rebuild_base(model_name, run_config, load_tokenizer(model_name))
     load_adapter(base, adapter_dir, allow_pickle=allow_pickle)
     if not lora_layers(base):
         raise LoraqError(f"{adapter_dir}: the adapter attached to no layer of {model_name}")

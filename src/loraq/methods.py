@@ -108,3 +108,27 @@ def prepare_base(
         file=sys.stderr,
     )
     return model, tokenizer, errors
+
+
+def method_of(run_config: dict) -> LoraConfig:
+    """The base-building part of a run's saved config.json (LoRA for a bare adapter: {})."""
+    return LoraConfig(
+        method=run_config.get("method", "lora"),
+        bits=run_config.get("bits", 4),
+        group_size=run_config.get("group_size", 32),
+        quantizer=run_config.get("quantizer", "rtn"),
+    )
+
+
+def rebuild_base(model_name: str, run_config: dict, tokenizer) -> tuple[nn.Module, object]:
+    """The frozen base a run was trained on, built again (GPTQ recalibrated on the same training examples,
+    which is deterministic)."""
+    from .data import encode_all, load_examples, split_by_group
+
+    method = method_of(run_config)
+    calibration = None
+    if method.method == "qalora" and method.quantizer == "gptq":
+        examples = load_examples(run_config.get("data", "e2e"), run_config.get("data_format", "auto"))
+        calibration, _ = encode_all(tokenizer, split_by_group(examples).train, run_config.get("max_length", 256))
+    model, tokenizer, _ = prepare_base(model_name, method, calibration, tokenizer.pad_token_id)
+    return model, tokenizer

@@ -28,7 +28,7 @@ from .nf4 import NF4State, dequantize_4bit, quantize_4bit
 
 class _FrozenMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: NF4Linear | IntLinear) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: _FrozenQuantized) -> torch.Tensor:
         ctx.layer = layer
         return F.linear(x, layer.dequantize(x.dtype, reuse_buffers=True))
 
@@ -46,7 +46,27 @@ def compute_dtype_for(x: torch.Tensor, compute_dtype: torch.dtype | None) -> tor
     return x.dtype
 
 
-class NF4Linear(nn.Module):
+class _FrozenQuantized(nn.Module):
+    """What the frozen 4-bit layers share: forward through the dequantize-again matmul, and their size."""
+
+    compute_dtype: torch.dtype | None
+    bias: nn.Parameter | None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, reuse_buffers: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype_for(x, self.compute_dtype)
+        y = _FrozenMatmul.apply(x.to(dtype), self)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype)
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class NF4Linear(_FrozenQuantized):
     """A frozen linear layer stored as NF4 (or FP4) with optionally double-quantized block constants.
 
     `compute_dtype` (None: follow autocast, else the input's dtype) is the dtype the weight is dequantized
@@ -88,21 +108,11 @@ class NF4Linear(nn.Module):
         `reuse_buffers`, which only the frozen matmul uses)."""
         return dequantize_4bit(self.packed, self.state(), dtype, reuse_buffers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype_for(x, self.compute_dtype)
-        y = _FrozenMatmul.apply(x.to(dtype), self)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.to(x.dtype)
-
-    def storage_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.quant_type}, blocksize={self.blocksize}"
 
 
-class IntLinear(nn.Module):
+class IntLinear(_FrozenQuantized):
     """A frozen linear layer stored as group-wise INT-k codes with an fp16 scale and offset per group.
 
     w[o, j] = codes[o, j]·scale[o, g] + offset[o, g] with g = j // group_size. The offsets are where a
@@ -147,16 +157,6 @@ class IntLinear(nn.Module):
         if delta.shape != self.offset.shape:
             raise ValueError(f"offset delta has shape {tuple(delta.shape)}, expected {tuple(self.offset.shape)}")
         self.offset.copy_((self.offset.float() + delta.float().to(self.offset.device)).half())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype_for(x, self.compute_dtype)
-        y = _FrozenMatmul.apply(x.to(dtype), self)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.to(x.dtype)
-
-    def storage_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, int{self.bits}, group_size={self.group_size}"
