@@ -195,3 +195,18 @@ def test_packed_examples_do_not_see_each_other(tiny):
     together, n = loss_sum(model, batch)
     assert n == sum(int((torch.tensor(it["labels"][1:]) != IGNORE_INDEX).sum()) for it in items)
     torch.testing.assert_close(together, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_hub_datasets_need_the_datasets_package(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(LoraqError, match="hf:owner/set: Hugging Face datasets need `pip install datasets`"):
+        load_examples("hf:owner/set")

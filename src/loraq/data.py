@@ -52,8 +52,9 @@ _FIELDS = {
 
 
 def load_examples(data: str | os.PathLike, format: str = "auto") -> list[Example]:
-    """Read examples from "e2e" (the default task) or a file: .jsonl, .json (a list of records, or a bigbench
-    task with an "examples" list), .csv, .parquet (needs pyarrow) or .txt (plain text, one document per
+    """Read examples from "e2e" (the default task), a Hugging Face dataset ("hf:owner/name[:split]", needs
+    the datasets package and network), or a file: .jsonl, .json (a list of records, or a bigbench task with
+    an "examples" list), .csv, .parquet (needs pyarrow) or .txt (plain text, one document per
     blank-line-separated block).
 
     Record formats, detected from the fields or named with `format`: alpaca (instruction, input, output),
@@ -67,6 +68,8 @@ def load_examples(data: str | os.PathLike, format: str = "auto") -> list[Example
         raise LoraqError(f"--data-format must be one of {', '.join(FORMATS)}, got {format!r}")
     if str(data) == "e2e":
         return load_e2e(fetch(E2E_TASK))
+    if str(data).startswith("hf:"):
+        return [_example(where, record, format) for where, record in _read_hub_dataset(str(data)[3:])]
     path = Path(data)
     if not path.is_file():
         raise LoraqError(f"data (--data): {path} does not exist (use 'e2e' for the default task)")
@@ -199,6 +202,20 @@ def _read_parquet(path: Path) -> list[tuple[str, object]]:
     except Exception as e:  # pyarrow raises ArrowInvalid and OSError for bad files
         raise LoraqError(f"{path}: not a readable Parquet file ({e})") from None
     return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
+
+
+def _read_hub_dataset(spec: str) -> list[tuple[str, object]]:
+    """`hf:owner/name` or `hf:owner/name:split` through the `datasets` package (needs network once)."""
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise LoraqError(f"data (--data) hf:{spec}: Hugging Face datasets need `pip install datasets`") from None
+    try:
+        rows = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # network, unknown dataset, unknown split...
+        raise LoraqError(f"data (--data) hf:{spec}: could not load ({type(e).__name__}: {e})") from None
+    return [(f"hf:{spec} row {i}", dict(row)) for i, row in enumerate(rows)]
 
 
 def load_e2e(path: str | os.PathLike) -> list[Example]:
