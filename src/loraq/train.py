@@ -55,7 +55,9 @@ class TrainConfig:
     """Everything a training run needs; every field is a `loraq train` flag of the same name."""
 
     model: str = _opt(DEFAULT_MODEL, "model: 'smollm2-135m', a Hugging Face folder, a .gguf file or a hub id")
-    data: str = _opt("e2e", "data: 'e2e' (the default task), hf:owner/name[:split], or a .jsonl/.json/.csv/.parquet/.txt file")
+    data: str = _opt(
+        "e2e", "data: 'e2e' (the default task), hf:owner/name[:split], or a .jsonl/.json/.csv/.parquet/.txt file"
+    )
     val_data: str = _opt("", "validation data file (default: 10% of --data, split by group, never trained on)")
     data_format: str = _opt("auto", "record format: auto, alpaca, chat, prompt-completion, text or bigbench")
     method: str = _opt(
