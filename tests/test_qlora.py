@@ -112,7 +112,7 @@ def test_bf16_compute_follows_autocast_and_keeps_adapters_fp32(tiny):
 
 
 def test_bf16_on_a_cpu_without_it_is_refused(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(sys.modules["loraq.train"], "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(sys.modules["loraq.device"], "cpu_supports_bf16", lambda: False)
     with pytest.raises(LoraqError, match="no native bf16 support"):
         loraq.train(train_config(tmp_path, tiny_model_dir, device="cpu", compute_dtype="bf16"), progress=False)
     with pytest.raises(LoraqError, match="fp16 needs CUDA"):

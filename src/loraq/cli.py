@@ -18,7 +18,7 @@ def _parse_targets(value: str) -> str | list[str]:
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
     parser.add_argument(
         "--config", default=None, help="a YAML file of options (these flags' names); flags given here override it"
@@ -137,7 +137,8 @@ def _run(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     if args.command == "train":
-        from .train import TrainConfig, read_config_file, train
+        from .train import train
+        from .train_config import TrainConfig, read_config_file
 
         flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
         options = {**(read_config_file(args.config) if args.config else {}), **flags}

@@ -1,22 +1,21 @@
-"""The training loop: AdamW on the adapter only, warmup then cosine decay, clipping, accumulation, evaluation.
+"""The training loop: AdamW on the adapter only, warmup then a schedule, clipping, accumulation, evaluation,
+checkpoints and resuming, data parallel under torchrun.
 
-A run folder holds `config.json` (the resolved configuration), `metrics.jsonl` (one JSON object per step
-and per evaluation) and `adapter/` (PEFT format), each written atomically.
+A run folder holds `config.json` (the resolved options), `metrics.jsonl` (one JSON object per step and per
+evaluation), `tensorboard/`, `checkpoints/`, and at the end `adapter/` (PEFT format), `loss.png` and
+`summary.json`, each written atomically. The options live in train_config.py, the device in device.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import inspect
 import json
 import math
 import os
-import re
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +24,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
-from .config import LoraConfig
 from .data import (
     IGNORE_INDEX,
     Splits,
@@ -36,177 +34,16 @@ from .data import (
     shuffled_batches,
     split_by_group,
 )
+from .device import _all_reduce_gradients, autocast, init_distributed, resolve_device
 from .errors import LoraqError
 from .inject import apply, parameter_summary
 from .methods import prepare_base
-from .models import DEFAULT_MODEL, load_tokenizer
+from .models import load_tokenizer
 from .peft_format import save_adapter
 from .report import write_report
 from .resume import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from .tensorboard import EventWriter
-
-
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs; every field is a `loraq train` flag of the same name."""
-
-    model: str = _opt(DEFAULT_MODEL, "model: 'smollm2-135m', a Hugging Face folder, a .gguf file or a hub id")
-    data: str = _opt(
-        "e2e", "data: 'e2e' (the default task), hf:owner/name[:split], or a .jsonl/.json/.csv/.parquet/.txt file"
-    )
-    val_data: str = _opt("", "validation data file (default: 10% of --data, split by group, never trained on)")
-    data_format: str = _opt("auto", "record format: auto, alpaca, chat, prompt-completion, text or bigbench")
-    method: str = _opt(
-        "lora", "lora; qlora (NF4 4-bit base, double quantization); qalora (INT-k base, group-pooled adapter)"
-    )
-    rank: int = _opt(16, "LoRA rank r")
-    alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/rank")
-    dropout: float = _opt(0.0, "dropout on the adapter input")
-    targets: str | list[str] = _opt(
-        "all-linear", "layers to adapt: 'all-linear', names like q_proj,v_proj, or re:REGEX"
-    )
-    use_rslora: bool = _opt(False, "rank-stabilised scaling alpha/sqrt(rank)")
-    bits: int = _opt(4, "qalora: bits of the INT-k base (2, 3, 4 or 8)")
-    group_size: int = _opt(32, "qalora: quantization group size = the adapter's pooling window")
-    quantizer: str = _opt("rtn", "qalora: rtn (round to nearest; a Q4_1 GGUF's own codes at 4 bits, g32) or gptq")
-    steps: int = _opt(100, "optimizer steps")
-    batch_size: int = _opt(8, "examples per micro-batch")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    lr: float = _opt(2e-4, "peak learning rate")
-    schedule: str = _opt("cosine", "learning-rate schedule after warmup: cosine, linear (both to zero) or constant")
-    warmup_steps: int = _opt(10, "linear warmup steps before the schedule")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
-    max_length: int = _opt(256, "maximum tokens per example")
-    too_long: str = _opt("truncate", "examples longer than --max-length: truncate, or drop (counted either way)")
-    train_on_prompt: bool = _opt(False, "put the loss on the prompt too, not only on the response")
-    packing: bool = _opt(False, "pack short examples into sequences of --max-length (no attention across them)")
-    eval_every: int = _opt(50, "validation every N steps (0: only at the end)")
-    eval_batch_size: int = _opt(16, "examples per validation batch")
-    seed: int = _opt(0, "random seed")
-    save_every: int = _opt(50, "write a checkpoint every N steps (0: only at the end); the last two are kept")
-    resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
-    overwrite: bool = _opt(False, "replace a finished run already in --out")
-    grad_checkpoint: bool = _opt(False, "gradient checkpointing: recompute activations in backward to save memory")
-    device: str = _opt("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
-    compute_dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA only)")
-    out: str = _opt("runs/run", "run folder")
-    lora: LoraConfig = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        problems = []
-
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                problems.append(message)
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        check(is_int(self.steps) and self.steps >= 1, f"--steps must be a positive integer, got {self.steps!r}")
-        check(is_int(self.batch_size) and self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size!r}")
-        check(is_int(self.grad_accum) and self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum!r}")
-        check(is_num(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr!r}")
-        check(
-            is_int(self.warmup_steps) and self.warmup_steps >= 0,
-            f"--warmup-steps must be >= 0, got {self.warmup_steps!r}",
-        )
-        check(
-            is_num(self.weight_decay) and self.weight_decay >= 0,
-            f"--weight-decay must be >= 0, got {self.weight_decay!r}",
-        )
-        check(
-            is_num(self.max_grad_norm) and self.max_grad_norm > 0,
-            f"--max-grad-norm must be > 0, got {self.max_grad_norm!r}",
-        )
-        check(
-            is_int(self.max_length) and self.max_length >= 8,
-            f"--max-length must be an integer >= 8, got {self.max_length!r}",
-        )
-        check(
-            is_int(self.eval_every) and self.eval_every >= 0,
-            f"--eval-every must be >= 0 (0: only at the end), got {self.eval_every!r}",
-        )
-        check(
-            is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
-            f"--eval-batch-size must be >= 1, got {self.eval_batch_size!r}",
-        )
-        check(is_int(self.seed), f"--seed must be an integer, got {self.seed!r}")
-        check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        check(self.too_long in ("truncate", "drop"), f"--too-long must be truncate or drop, got {self.too_long!r}")
-        check(
-            is_int(self.save_every) and self.save_every >= 0,
-            f"--save-every must be >= 0 (0: only at the end), got {self.save_every!r}",
-        )
-        check(
-            self.compute_dtype in ("auto", *_DTYPES),
-            f"--compute-dtype must be auto, {', '.join(_DTYPES)}, got {self.compute_dtype!r}",
-        )
-        check(
-            isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
-            f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
-        )
-        try:
-            self.lora = LoraConfig(
-                r=self.rank,
-                alpha=self.alpha,
-                dropout=self.dropout,
-                targets=self.targets,
-                use_rslora=self.use_rslora,
-                method=self.method,
-                bits=self.bits,
-                group_size=self.group_size,
-                quantizer=self.quantizer,
-            )
-        except LoraqError as e:
-            problems.append(str(e).removeprefix("invalid LoRA config: "))
-        if problems:
-            raise LoraqError("invalid training options: " + "; ".join(problems))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("lora")
-        return d
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
-        """A config from a YAML file of option names (as in `loraq train --help`, with _ or -), with
-        `overrides` on top. Unknown keys are refused with the closest valid key suggested."""
-        return cls(**{**read_config_file(path), **overrides})
-
-
-def read_config_file(path: str | os.PathLike) -> dict:
-    """The options in a YAML config file, keys normalised to TrainConfig field names and checked."""
-    import yaml
-
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LoraqError(f"--config: {path} does not exist") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise LoraqError(f"--config: {path} is not valid YAML ({e})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise LoraqError(f"--config: {path} must hold a mapping of option: value, not {type(raw).__name__}")
-    names = [f.name for f in fields(TrainConfig) if f.init]
-    options = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise LoraqError(f"--config: {path}: unknown option {key!r}{hint}")
-        options[name] = value
-    return options
+from .train_config import TrainConfig, read_config_file  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -223,50 +60,6 @@ class TrainResult:
     stopped_at: int | None = None  # the step an interrupt stopped the run after (None: ran to the end)
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    """The device and compute dtype a run uses, checked against what this machine has.
-
-    Raises:
-        LoraqError: CUDA asked for but absent, fp16 on a CPU, or bf16 on a CPU without bf16 support.
-    """
-    name = config.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LoraqError(f"--device {config.device}: this machine has no CUDA device (torch {torch.__version__})")
-    device = torch.device(name)
-    dtype_name = config.compute_dtype
-    if dtype_name == "auto":
-        dtype_name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu" and dtype_name == "fp16":
-        raise LoraqError("--compute-dtype fp16 needs CUDA; on a CPU use fp32 or bf16")
-    if device.type == "cpu" and dtype_name == "bf16" and not cpu_supports_bf16():
-        raise LoraqError(
-            "--compute-dtype bf16: this CPU has no native bf16 support (no AVX512-BF16/AMX, per oneDNN); "
-            "use --compute-dtype fp32"
-        )
-    return device, _DTYPES[dtype_name]
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (oneDNN's check); without it bf16 is slow emulation."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass (adapter weights and optimizer state stay fp32)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-SCHEDULES = ("cosine", "linear", "constant")
 # Options that may change between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "eval_batch_size"}
 
@@ -534,34 +327,6 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
 def _is_out_of_memory(error: BaseException) -> bool:
     text = str(error).lower()
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
-def init_distributed(config: TrainConfig) -> tuple[int, int]:
-    """(rank, world size): one process unless started by torchrun (WORLD_SIZE > 1), then the process group
-    (nccl on CUDA, gloo on CPU) is joined here."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available() and config.device != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _all_reduce_gradients(params: list[nn.Parameter], step_loss: float, device: torch.device) -> float:
-    """Sum every adapter gradient and the loss over the processes: each process computed its rows' share of
-    the token-weighted loss of the same global batch, so the sums are the single-process values."""
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-    total = torch.tensor([step_loss], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return float(total)
 
 
 def check_run_folder(out: Path, config: TrainConfig) -> None:

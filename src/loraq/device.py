@@ -1,0 +1,83 @@
+"""Where a run computes: the device and compute dtype (checked against the machine), mixed precision, and the
+process group when started by torchrun."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+from .errors import LoraqError
+from .train_config import TrainConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """The device and compute dtype a run uses, checked against what this machine has.
+
+    Raises:
+        LoraqError: CUDA asked for but absent, fp16 on a CPU, or bf16 on a CPU without bf16 support.
+    """
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LoraqError(f"--device {config.device}: this machine has no CUDA device (torch {torch.__version__})")
+    device = torch.device(name)
+    dtype_name = config.compute_dtype
+    if dtype_name == "auto":
+        dtype_name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and dtype_name == "fp16":
+        raise LoraqError("--compute-dtype fp16 needs CUDA; on a CPU use fp32 or bf16")
+    if device.type == "cpu" and dtype_name == "bf16" and not cpu_supports_bf16():
+        raise LoraqError(
+            "--compute-dtype bf16: this CPU has no native bf16 support (no AVX512-BF16/AMX, per oneDNN); "
+            "use --compute-dtype fp32"
+        )
+    return device, _DTYPES[dtype_name]
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's check); without it bf16 is slow emulation."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass (adapter weights and optimizer state stay fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def init_distributed(config: TrainConfig) -> tuple[int, int]:
+    """(rank, world size): one process unless started by torchrun (WORLD_SIZE > 1), then the process group
+    (nccl on CUDA, gloo on CPU) is joined here."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and config.device != "cpu"
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_reduce_gradients(params: list[nn.Parameter], step_loss: float, device: torch.device) -> float:
+    """Sum every adapter gradient and the loss over the processes: each process computed its rows' share of
+    the token-weighted loss of the same global batch, so the sums are the single-process values."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+    total = torch.tensor([step_loss], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total)

@@ -1,0 +1,181 @@
+"""The options of a training run: `TrainConfig` (every field is a `loraq train` flag of the same name, and a
+key of a `--config` YAML file), validated once, every bad option named in one error."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .config import LoraConfig
+from .errors import LoraqError
+from .models import DEFAULT_MODEL
+
+SCHEDULES = ("cosine", "linear", "constant")
+COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; every field is a `loraq train` flag of the same name."""
+
+    model: str = _opt(DEFAULT_MODEL, "model: 'smollm2-135m', a Hugging Face folder, a .gguf file or a hub id")
+    data: str = _opt(
+        "e2e", "data: 'e2e' (the default task), hf:owner/name[:split], or a .jsonl/.json/.csv/.parquet/.txt file"
+    )
+    val_data: str = _opt("", "validation data file (default: 10% of --data, split by group, never trained on)")
+    data_format: str = _opt("auto", "record format: auto, alpaca, chat, prompt-completion, text or bigbench")
+    method: str = _opt(
+        "lora", "lora; qlora (NF4 4-bit base, double quantization); qalora (INT-k base, group-pooled adapter)"
+    )
+    rank: int = _opt(16, "LoRA rank r")
+    alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/rank")
+    dropout: float = _opt(0.0, "dropout on the adapter input")
+    targets: str | list[str] = _opt(
+        "all-linear", "layers to adapt: 'all-linear', names like q_proj,v_proj, or re:REGEX"
+    )
+    use_rslora: bool = _opt(False, "rank-stabilised scaling alpha/sqrt(rank)")
+    bits: int = _opt(4, "qalora: bits of the INT-k base (2, 3, 4 or 8)")
+    group_size: int = _opt(32, "qalora: quantization group size = the adapter's pooling window")
+    quantizer: str = _opt("rtn", "qalora: rtn (round to nearest; a Q4_1 GGUF's own codes at 4 bits, g32) or gptq")
+    steps: int = _opt(100, "optimizer steps")
+    batch_size: int = _opt(8, "examples per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(2e-4, "peak learning rate")
+    schedule: str = _opt("cosine", "learning-rate schedule after warmup: cosine, linear (both to zero) or constant")
+    warmup_steps: int = _opt(10, "linear warmup steps before the schedule")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
+    max_length: int = _opt(256, "maximum tokens per example")
+    too_long: str = _opt("truncate", "examples longer than --max-length: truncate, or drop (counted either way)")
+    train_on_prompt: bool = _opt(False, "put the loss on the prompt too, not only on the response")
+    packing: bool = _opt(False, "pack short examples into sequences of --max-length (no attention across them)")
+    eval_every: int = _opt(50, "validation every N steps (0: only at the end)")
+    eval_batch_size: int = _opt(16, "examples per validation batch")
+    seed: int = _opt(0, "random seed")
+    save_every: int = _opt(50, "write a checkpoint every N steps (0: only at the end); the last two are kept")
+    resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = _opt(False, "replace a finished run already in --out")
+    grad_checkpoint: bool = _opt(False, "gradient checkpointing: recompute activations in backward to save memory")
+    device: str = _opt("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    compute_dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA only)")
+    out: str = _opt("runs/run", "run folder")
+    lora: LoraConfig = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        check(is_int(self.steps) and self.steps >= 1, f"--steps must be a positive integer, got {self.steps!r}")
+        check(is_int(self.batch_size) and self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size!r}")
+        check(is_int(self.grad_accum) and self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum!r}")
+        check(is_num(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr!r}")
+        check(
+            is_int(self.warmup_steps) and self.warmup_steps >= 0,
+            f"--warmup-steps must be >= 0, got {self.warmup_steps!r}",
+        )
+        check(
+            is_num(self.weight_decay) and self.weight_decay >= 0,
+            f"--weight-decay must be >= 0, got {self.weight_decay!r}",
+        )
+        check(
+            is_num(self.max_grad_norm) and self.max_grad_norm > 0,
+            f"--max-grad-norm must be > 0, got {self.max_grad_norm!r}",
+        )
+        check(
+            is_int(self.max_length) and self.max_length >= 8,
+            f"--max-length must be an integer >= 8, got {self.max_length!r}",
+        )
+        check(
+            is_int(self.eval_every) and self.eval_every >= 0,
+            f"--eval-every must be >= 0 (0: only at the end), got {self.eval_every!r}",
+        )
+        check(
+            is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
+            f"--eval-batch-size must be >= 1, got {self.eval_batch_size!r}",
+        )
+        check(is_int(self.seed), f"--seed must be an integer, got {self.seed!r}")
+        check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check(self.too_long in ("truncate", "drop"), f"--too-long must be truncate or drop, got {self.too_long!r}")
+        check(
+            is_int(self.save_every) and self.save_every >= 0,
+            f"--save-every must be >= 0 (0: only at the end), got {self.save_every!r}",
+        )
+        check(
+            self.compute_dtype in ("auto", *COMPUTE_DTYPES),
+            f"--compute-dtype must be auto, {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}",
+        )
+        check(
+            isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+            f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        try:
+            self.lora = LoraConfig(
+                r=self.rank,
+                alpha=self.alpha,
+                dropout=self.dropout,
+                targets=self.targets,
+                use_rslora=self.use_rslora,
+                method=self.method,
+                bits=self.bits,
+                group_size=self.group_size,
+                quantizer=self.quantizer,
+            )
+        except LoraqError as e:
+            problems.append(str(e).removeprefix("invalid LoRA config: "))
+        if problems:
+            raise LoraqError("invalid training options: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("lora")
+        return d
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
+        """A config from a YAML file of option names (as in `loraq train --help`, with _ or -), with
+        `overrides` on top. Unknown keys are refused with the closest valid key suggested."""
+        return cls(**{**read_config_file(path), **overrides})
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The options in a YAML config file, keys normalised to TrainConfig field names and checked."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoraqError(f"--config: {path} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LoraqError(f"--config: {path} is not valid YAML ({e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise LoraqError(f"--config: {path} must hold a mapping of option: value, not {type(raw).__name__}")
+    names = [f.name for f in fields(TrainConfig) if f.init]
+    options = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise LoraqError(f"--config: {path}: unknown option {key!r}{hint}")
+        options[name] = value
+    return options
