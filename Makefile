@@ -24,9 +24,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-bench: $(STAMP)
+bench: $(STAMP)  # about an hour on 2 cores; each script can be run alone
 	$(BIN)/python bench/steps.py --setups loraq-qlora,loraq-lora,peft-lora,peft-qlora --steps 5
 	$(BIN)/python bench/qlora.py
+	$(BIN)/python bench/perplexity.py
+	$(BIN)/python bench/qalora.py
+	$(BIN)/python bench/packing.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
