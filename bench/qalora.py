@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--bleu-inputs", type=int, default=24)
     ap.add_argument("--out", default="runs/bench-qalora")
+    ap.add_argument("--methods", default="lora,qlora,qalora4,qalora3,qalora2", help="which runs, comma-separated")
+    ap.add_argument("--exports", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
 
     import loraq
@@ -83,7 +85,9 @@ def main() -> None:
             flush=True,
         )
 
-    for method, bits in (("lora", 4), ("qlora", 4), ("qalora", 4), ("qalora", 3), ("qalora", 2)):
+    chosen = args.methods.split(",")
+    runs = [(m[:6], int(m[6:])) if m.startswith("qalora") else (m, 4) for m in chosen]
+    for method, bits in runs:
         name = method if method != "qalora" else f"qalora-int{bits}"
         config = loraq.TrainConfig(method=method, bits=bits, group_size=32, out=str(out / name), **common)
         print(f"{name}: training {args.steps} steps", flush=True)
@@ -109,7 +113,7 @@ def main() -> None:
         del result, merged
 
     exports = {}
-    for fmt, target in (("gguf", out / "qalora-int4.gguf"), ("gptq", out / "qalora-int4-gptq")):
+    for fmt, target in (("gguf", out / "qalora-int4.gguf"), ("gptq", out / "qalora-int4-gptq")) if args.exports else ():
         report = merge_run(out / "qalora-int4", target, format=fmt, prompts=16)
         exports[fmt] = {
             "mean_abs_delta_logits": report.error,
