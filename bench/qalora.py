@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-qalora")
     ap.add_argument("--methods", default="lora,qlora,qalora4,qalora3,qalora2", help="which runs, comma-separated")
     ap.add_argument("--exports", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--requantized", action=argparse.BooleanOptionalAction, default=True, help="score (c)")
     args = ap.parse_args()
 
     import loraq
@@ -104,7 +105,7 @@ def main() -> None:
         if method == "lora":
             score("(a) LoRA -> 16-bit", as_16bit(merged), tok, run)
         elif method == "qlora":
-            for k in (4, 3, 2):
+            for k in (4, 3, 2) if args.requantized else ():
                 requantized = quantize_linears(copy.deepcopy(merged), int_layers(k, 32))
                 score(f"(c) QLoRA -> INT{k} g32 RTN", requantized, tok, run)
             score("(b) QLoRA -> 16-bit", as_16bit(merged), tok, run)
