@@ -44,7 +44,9 @@ def run_demo(out: str = "runs/demo", steps: int | None = None) -> TrainResult:
     for s in samples:
         s["before"] = generate(model, tokenizer, s["prompt"], max_new_tokens=60)
 
-    config = TrainConfig(model=DEFAULT_MODEL, out=out, **{**DEMO_CONFIG, **({"steps": steps} if steps else {})})
+    # overwrite: `make demo` can be run again and replaces its previous run
+    options = {**DEMO_CONFIG, **({"steps": steps} if steps else {})}
+    config = TrainConfig(model=DEFAULT_MODEL, out=out, overwrite=True, **options)
     result = train(config, model, tokenizer)
     for s in samples:
         s["after"] = generate(result.model, tokenizer, s["prompt"], max_new_tokens=60)

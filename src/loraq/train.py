@@ -356,7 +356,8 @@ def check_run_folder(out: Path, config: TrainConfig) -> None:
     if config.overwrite:
         import shutil
 
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for stale in ("checkpoints", "tensorboard"):  # the replaced run's; the rest is rewritten
+            shutil.rmtree(out / stale, ignore_errors=True)
 
 
 def _first_val_loss(metrics_path: Path) -> float:
