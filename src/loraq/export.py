@@ -28,7 +28,7 @@ from .peft_format import load_adapter, read_adapter_config, save_adapter
 from .quant.checkpoint import write_quantized
 from .quant.gguf import write_gguf
 from .quant.gptq_format import gptq_tensors, int_layer_from_gptq, write_gptq
-from .quant.linear import IntLinear, dequantize_linears, int_layers, nf4_layers, quantize_linears
+from .quant.linear import IntLinear, dequantize_linears, int_layers, nf4_layers, quantize_linears, replace_module
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMATS = ("hf", "gguf", "gptq", "peft")
@@ -185,9 +185,7 @@ def _gptq_rounded(model: nn.Module) -> nn.Module:
     for name, module in list(rounded.named_modules()):
         if isinstance(module, IntLinear):
             tensors, _ = gptq_tensors(module)
-            new = int_layer_from_gptq(tensors, module.bits, module.group_size, module.bias)
-            parent_name, _, child = name.rpartition(".")
-            setattr(rounded.get_submodule(parent_name) if parent_name else rounded, child, new)
+            replace_module(rounded, name, int_layer_from_gptq(tensors, module.bits, module.group_size, module.bias))
     return rounded
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import LoraqError
 from .lora import LoraLinear
-from .quant.linear import IntLinear, NF4Linear
+from .quant.linear import IntLinear, NF4Linear, plain_linear, replace_module
 
 QUANTIZED = (NF4Linear, IntLinear)
 
@@ -79,7 +79,7 @@ def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLinear):
             module = LoraLinear(module)
-            _replace_module(model, name, module)
+            replace_module(model, name, module)
         module.add_adapter(config)
     for layer in lora_layers(model).values():
         for p in layer.adapters.parameters():
@@ -148,10 +148,10 @@ def merge(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         pooled = layer.active is not None and layer.adapters[layer.active].pool > 1
         if isinstance(layer.base, NF4Linear) or (isinstance(layer.base, IntLinear) and not pooled):
-            _replace_module(model, name, _merged_linear(layer))
+            replace_module(model, name, _merged_linear(layer))
         else:
             layer.merge()  # nn.Linear: into the weight; IntLinear + QA-LoRA: exactly into the group offsets
-            _replace_module(model, name, layer.base)
+            replace_module(model, name, layer.base)
     if hasattr(model, "loraq_configs"):
         del model.loraq_configs
     return model
@@ -161,7 +161,7 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging, restoring the base model."""
     for name, layer in lora_layers(model).items():
         layer.unmerge()
-        _replace_module(model, name, layer.base)
+        replace_module(model, name, layer.base)
     if hasattr(model, "loraq_configs"):
         del model.loraq_configs
     return model
@@ -201,15 +201,4 @@ def _merged_linear(layer: LoraLinear) -> nn.Linear:
     weight = base.dequantize(torch.float32)
     if layer.active is not None:
         weight += layer.adapters[layer.active].delta_weight().to(weight.device)
-    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if base.bias is not None:
-            linear.bias.copy_(base.bias)
-    return linear.to(getattr(base, "weight_dtype", torch.float32)).requires_grad_(False)
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    return plain_linear(weight, base.bias, getattr(base, "weight_dtype", torch.float32))

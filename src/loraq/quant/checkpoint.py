@@ -22,7 +22,7 @@ from torch import nn
 
 from ..atomic import atomic_folder
 from ..errors import LoraqError
-from .linear import NF4Linear
+from .linear import NF4Linear, quantizable_linear_names, replace_module
 from .nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, NF4State, code_4bit, dynamic_code_8bit
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -119,14 +119,14 @@ def load_quantized(folder: str | os.PathLike, trust_remote_code: bool = False) -
     folder = Path(folder)
     tensors, where = _read_tensors(folder, lazy=False)
     model = _skeleton(folder, trust_remote_code)
-    for name in _linear_names(model):
+    for name in quantizable_linear_names(model):
         key = f"{name}.weight"
         if f"{key}.absmax" not in tensors:
             continue  # stored unquantized: loaded below like any other tensor
         module = model.get_submodule(name)
         packed, state = _layer_state(tensors, key, (module.out_features, module.in_features), where)
         bias = tensors.pop(f"{name}.bias", None)
-        _set_module(model, name, NF4Linear(packed, state, bias))
+        replace_module(model, name, NF4Linear(packed, state, bias))
     return _load_rest(model, tensors, where)
 
 
@@ -143,7 +143,7 @@ def load_quantizing(
     folder = Path(folder)
     tensors, where = _read_tensors(folder, lazy=True)
     model = _skeleton(folder, trust_remote_code)
-    for name in _linear_names(model):
+    for name in quantizable_linear_names(model):
         key = f"{name}.weight"
         if key not in tensors:
             raise LoraqError(f"{where}: tensor {key} is missing")
@@ -155,7 +155,7 @@ def load_quantizing(
                 f"{where}: tensor {key} has shape {tuple(weight.shape)}, the model expects "
                 f"{(module.out_features, module.in_features)}"
             )
-        _set_module(model, name, quantize_layer(name, weight, None if bias is None else bias.float()))
+        replace_module(model, name, quantize_layer(name, weight, None if bias is None else bias.float()))
         del weight
     return _load_rest(model, tensors, where)
 
@@ -220,16 +220,6 @@ def _skeleton(folder: Path, trust_remote_code: bool) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     model.name_or_path = str(folder)
     return model
-
-
-def _linear_names(model: nn.Module) -> list[str]:
-    head = model.get_output_embeddings()
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> nn.Module:

@@ -175,14 +175,19 @@ def nf4_layers(blocksize: int = 64, quant_type: str = "nf4", double_quant: bool 
     return make
 
 
+def _check_layer(bits: int, group_size: int, in_features: int, name: str) -> None:
+    """`check_bits_and_group` as a user error naming the option and the layer."""
+    try:
+        check_bits_and_group(bits, group_size, in_features, f" of layer {name}")
+    except ValueError as e:
+        raise LoraqError(f"{'--bits' if 'bits must' in str(e) else '--group-size'}: {e}") from None
+
+
 def int_layers(bits: int = 4, group_size: int = 32) -> QuantizeLayer:
     """A `quantize_layer` function making frozen round-to-nearest IntLinear layers."""
 
     def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        try:
-            check_bits_and_group(bits, group_size, weight.shape[1], f" of layer {name}")
-        except ValueError as e:
-            raise LoraqError(f"{'--bits' if 'bits must' in str(e) else '--group-size'}: {e}") from None
+        _check_layer(bits, group_size, weight.shape[1], name)
         return IntLinear(*quantize_rtn(weight, bits, group_size), bits, bias)
 
     return make
@@ -195,11 +200,9 @@ def quantize_linears(model: nn.Module, quantize_layer: QuantizeLayer) -> nn.Modu
     if not names:
         raise LoraqError("quantize: the model has no linear layers besides the output head")
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = getattr(parent, child)
+        layer = model.get_submodule(name)
         new = quantize_layer(name, layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
-        setattr(parent, child, new.to(layer.weight.device))
+        replace_module(model, name, new.to(layer.weight.device))
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -249,10 +252,7 @@ def quantize_model_int(
     if quantizer == "gptq" and not hessians:
         raise LoraqError("the gptq quantizer needs calibration statistics (collect_hessians)")
     for name in quantizable_linear_names(model):
-        try:
-            check_bits_and_group(bits, group_size, model.get_submodule(name).in_features, f" of layer {name}")
-        except ValueError as e:
-            raise LoraqError(f"{'--bits' if 'bits must' in str(e) else '--group-size'}: {e}") from None
+        _check_layer(bits, group_size, model.get_submodule(name).in_features, name)
     errors: dict[str, float] = {}
 
     def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -296,23 +296,25 @@ def collect_hessians(model: nn.Module, batches) -> dict[str, torch.Tensor]:
     return sums
 
 
-def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
-    """Set the dtype every frozen quantized layer of `model` multiplies in (None: follow autocast/input)."""
-    for m in model.modules():
-        if hasattr(m, "compute_dtype") and isinstance(m, nn.Module) and hasattr(m, "dequantize"):
-            m.compute_dtype = dtype
-
-
 def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace every frozen quantized layer by a plain nn.Linear holding its dequantized weight."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, (NF4Linear, IntLinear)):
-            weight = module.dequantize(torch.float32)
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                linear.weight.copy_(weight)
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear.to(dtype))
+        if isinstance(module, _FrozenQuantized):
+            replace_module(model, name, plain_linear(module.dequantize(torch.float32), module.bias, dtype))
     return model
+
+
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A frozen nn.Linear holding `weight` (out, in) and `bias`, in `dtype`, on the weight's device."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.to(dtype).requires_grad_(False)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` of `model` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
