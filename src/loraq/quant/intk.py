@@ -13,13 +13,11 @@ calibration inputs; groups are contiguous and taken in order (no act-order), so 
 
 from __future__ import annotations
 
-import sys
 from functools import cache
 
 import torch
-import torch.nn.functional as F
 
-from .scratch import scratch
+from .scratch import cast, lookup, word_table
 
 BITS = (2, 3, 4, 8)
 
@@ -140,31 +138,16 @@ def dequantize_packed(
     out_features, groups = scale.shape
     numel = packed.numel() * 8 // bits
     group_size = numel // (out_features * groups)
-    flat = packed.reshape(-1)
     device = packed.device
     if bits in (2, 4):
-        if bits == 4 and flat.numel() % 2 == 0 and sys.byteorder == "little":
-            words, table, shift = flat.view(torch.int16), _code_table(4, 2, device), 32768
-        else:
-            words, table, shift = flat, _code_table(bits, 1, device), 0
-        if reuse_buffers:
-            index = scratch("dequantize.index", words.numel(), torch.int32, device).copy_(words).add_(shift)
-            values = scratch("dequantize.values", index.numel() * table.shape[1], torch.float32, device)
-            torch.index_select(table, 0, index, out=values.view(-1, table.shape[1]))
-        else:
-            values = F.embedding(words.int().add_(shift), table).view(-1)
+        values = lookup(packed, _code_table(bits, 1, device), _code_table(bits, 2, device), reuse_buffers)
     elif bits == 8:
-        values = flat.float()
+        values = packed.reshape(-1).float()
     else:
         values = unpack_codes(packed, bits, numel).float()
     w = values[: out_features * groups * group_size].view(out_features, groups, group_size)
     w.mul_(scale.float().unsqueeze(2)).add_(offset.float().unsqueeze(2))  # separate ops: as llama.cpp, no FMA
-    w = w.view(out_features, groups * group_size)
-    if w.dtype == dtype:
-        return w
-    if not reuse_buffers:
-        return w.to(dtype)
-    return scratch("dequantize.cast", w.numel(), dtype, device).view(w.shape).copy_(w)
+    return cast(w.view(out_features, groups * group_size), dtype, reuse_buffers)
 
 
 @cache
@@ -173,11 +156,7 @@ def _code_table(bits: int, nbytes: int, device: torch.device) -> torch.Tensor:
     per_byte = 8 // bits
     byte = torch.arange(256, device=device)
     one = torch.stack([((byte >> (bits * j)) & (2**bits - 1)).float() for j in range(per_byte)], dim=1)
-    if nbytes == 1:
-        return one
-    word = torch.arange(65536, device=device)
-    unsigned = (word - 32768) & 0xFFFF  # row w + 32768 holds the little-endian int16 w
-    return torch.cat([one[unsigned & 255], one[unsigned >> 8]], dim=1).contiguous()
+    return one if nbytes == 1 else word_table(one)
 
 
 def packed_bytes(numel: int, bits: int) -> int:

@@ -13,14 +13,12 @@ Cost per weight: 4 + 8/64 + 32/(64·256) = 4.127 bits with blocksize 64 (4.5 bit
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from functools import cache
 
 import torch
-import torch.nn.functional as F
 
-from .scratch import scratch
+from .scratch import cast, lookup, scratch, word_table
 
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -156,37 +154,15 @@ def dequantize_4bit(
     `reuse_buffers` (for frozen matmuls only): then a view of a shared work buffer (see `scratch`).
     """
     n = state.numel
-    flat = packed.reshape(-1)
     device = packed.device
-    if flat.numel() % 2 == 0 and sys.byteorder == "little":
-        # One lookup per two bytes gives four values: read the bytes as int16 and index a 65536 x 4 table.
-        words, table = flat.view(torch.int16), _word_table(state.quant_type, device)
-    else:
-        words, table = flat, _byte_pairs(state.quant_type, device)
-    if reuse_buffers:
-        index = scratch("dequantize.index", words.numel(), torch.int32, device).copy_(words)
-        values = scratch("dequantize.values", index.numel() * table.shape[1], torch.float32, device)
-        torch.index_select(
-            table, 0, index.add_(32768 if table.shape[0] == 65536 else 0), out=values.view(-1, table.shape[1])
-        )
-    else:
-        index = words.int().add_(32768) if table.shape[0] == 65536 else words.int()
-        values = F.embedding(index, table).view(-1)
-    values = values[:n]
+    pairs = _byte_pairs(state.quant_type, device)
+    values = lookup(packed, pairs, _word_table(state.quant_type, device), reuse_buffers)[:n]
     absmax = state.block_absmax(reuse_buffers).to(device)
     full = n - n % state.blocksize
     values[:full].view(-1, state.blocksize).mul_(absmax[: full // state.blocksize].unsqueeze(1))
     if full < n:
         values[full:].mul_(absmax[-1])
-    return _cast(values.view(state.shape), dtype or state.dtype, reuse_buffers)
-
-
-def _cast(values: torch.Tensor, dtype: torch.dtype, reuse_buffers: bool) -> torch.Tensor:
-    if values.dtype == dtype:
-        return values
-    if not reuse_buffers:
-        return values.to(dtype)
-    return scratch("dequantize.cast", values.numel(), dtype, values.device).view(values.shape).copy_(values)
+    return cast(values.view(state.shape), dtype or state.dtype, reuse_buffers)
 
 
 @cache
@@ -197,11 +173,8 @@ def _byte_pairs(quant_type: str, device: torch.device) -> torch.Tensor:
 
 @cache
 def _word_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """(65536, 4): row w + 32768 holds the four values of the two bytes whose little-endian int16 is w."""
-    word = torch.arange(65536, device=device)  # == int16 value + 32768, read as unsigned bits below
-    unsigned = (word - 32768) & 0xFFFF
-    pairs = _byte_pairs(quant_type, device)
-    return torch.cat([pairs[unsigned & 255], pairs[unsigned >> 8]], dim=1).contiguous()
+    """(65536, 4): the four values of each pair of bytes."""
+    return word_table(_byte_pairs(quant_type, device))
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
