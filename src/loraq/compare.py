@@ -58,6 +58,8 @@ def _bar_chart(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import save_figure
+
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows) + 2), 4), dpi=110)
     labels = [Path(r["run"]).name + f"\n{r['method']}" for r in rows]
     values = [r["best val loss"] or 0 for r in rows]
@@ -65,8 +67,4 @@ def _bar_chart(rows: list[dict], path: Path) -> None:
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.3f}", ha="center", va="bottom")
     ax.set_ylabel("best validation loss")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
