@@ -21,17 +21,17 @@ def main() -> int:
         print("no CUDA device: nothing to check")
         return 1
     import loraq
-    from loraq.methods import prepare_base
-    from loraq.quant.linear import NF4Linear
+    from loraq.product.methods import prepare_base
+    from loraq.quant.frozen import NF4Linear
 
-    tokenizer = loraq.models.load_tokenizer("smollm2-135m")
-    text = " ".join(ex.response for ex in loraq.data.load_examples("e2e"))
+    tokenizer = loraq.product.models.load_tokenizer("smollm2-135m")
+    text = " ".join(ex.response for ex in loraq.product.data.load_examples("e2e"))
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][: 4 * 256]).view(4, 256)
     for method in ("lora", "qlora", "qalora"):
         config = loraq.LoraConfig(r=16, alpha=32, method=method)
         model, _, _ = prepare_base("smollm2-135m", config)
         loraq.apply(model, config)
-        for layer in loraq.inject.lora_layers(model).values():
+        for layer in loraq.core.inject.lora_layers(model).values():
             torch.nn.init.normal_(layer.adapters["default"].B, std=0.01)
         with torch.no_grad():
             cpu = model(ids[:1]).logits.float()

@@ -15,12 +15,12 @@ import torch
 
 def load(setup: str):
     import loraq
-    from loraq.quant.linear import quantize_model
+    from loraq.quant.frozen import quantize_model
 
     if setup.startswith("bnb"):
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-        from loraq.models import default_model_dir
+        from loraq.product.models import default_model_dir
 
         config = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -34,7 +34,7 @@ def load(setup: str):
         )
         return model, AutoTokenizer.from_pretrained(folder)
     if setup.startswith("int"):  # e.g. int4-g32: RTN, llama.cpp's Q4_1 rule
-        from loraq.quant.linear import int_layers
+        from loraq.quant.frozen import int_layers
 
         bits, _, group = setup[3:].partition("-g")
         return loraq.load_model("smollm2-135m", quantize_layer=int_layers(int(bits), int(group)))
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--setups", default="fp32,nf4-dq,bnb-nf4-dq,nf4,fp4")
     ap.add_argument("--max-tokens", type=int, default=65536)
     args = ap.parse_args()
-    from loraq.evaluate import held_out_text, perplexity
+    from loraq.product.evaluate import held_out_text, perplexity
 
     text = held_out_text()
     torch.set_grad_enabled(False)

@@ -25,7 +25,7 @@ from torch import nn
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as deployed: quantized layers as stored, every other tensor at 16 bits."""
-    from loraq.quant.linear import IntLinear, NF4Linear
+    from loraq.quant.frozen import IntLinear, NF4Linear
 
     seen, total = set(), 0
     quantized = [m for m in model.modules() if isinstance(m, (IntLinear, NF4Linear))]
@@ -58,11 +58,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import loraq
-    from loraq.data import encode_all, load_examples, split_by_group
-    from loraq.evaluate import generation_scores
-    from loraq.export import merge_run
-    from loraq.quant.linear import int_layers, quantize_linears
-    from loraq.train import evaluate_loss
+    from loraq.product.data import encode_all, load_examples, split_by_group
+    from loraq.product.evaluate import generation_scores
+    from loraq.product.export import merge_run
+    from loraq.product.train import evaluate_loss
+    from loraq.quant.frozen import int_layers, quantize_linears
 
     out = Path(args.out)
     splits = split_by_group(load_examples("e2e"))

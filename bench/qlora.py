@@ -17,7 +17,7 @@ import torch
 
 def model_bytes() -> None:
     import loraq
-    from loraq.quant.linear import NF4Linear, quantize_model
+    from loraq.quant.frozen import NF4Linear, quantize_model
 
     model, _ = loraq.load_model("smollm2-135m")
     fp32 = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())

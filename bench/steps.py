@@ -26,7 +26,7 @@ def batch_of_text(tokenizer, batch: int, seq: int):
     """(batch, seq) token ids of real English: E2E descriptions packed end to end."""
     import torch
 
-    from loraq.data import load_examples
+    from loraq.product.data import load_examples
 
     text = " ".join(ex.response for ex in load_examples("e2e"))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: batch * seq]
@@ -42,7 +42,7 @@ def load(which: str, rank: int):
     import loraq
 
     if which.startswith("loraq"):
-        from loraq.quant.linear import nf4_layers
+        from loraq.quant.frozen import nf4_layers
 
         # QLoRA quantizes while loading (NF4 + double quantization, blocksize 64), as `loraq train` does
         quantize = nf4_layers() if which == "loraq-qlora" else None
@@ -52,7 +52,7 @@ def load(which: str, rank: int):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from loraq.models import default_model_dir
+    from loraq.product.models import default_model_dir
 
     folder = default_model_dir()
     kwargs: dict = {"dtype": torch.float32}

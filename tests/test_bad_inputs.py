@@ -18,7 +18,7 @@ from conftest import E2E_TINY, FIXTURES, build_tiny_model
 from safetensors.torch import save_file
 
 import loraq
-from loraq.cli import main
+from loraq.product.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def case_files(world: Path, tmp: Path, tiny_model_dir: Path) -> dict[str, tuple[
             (wide / f.name).write_bytes(f.read_bytes())
 
     nan_adapter = copy_dir(adapter, tmp / "nan-adapter")
-    tensors = loraq.peft_format.read_adapter_tensors(nan_adapter)
+    tensors = loraq.formats.peft.read_adapter_tensors(nan_adapter)
     first = sorted(tensors)[0]
     tensors[first] = torch.full_like(tensors[first], float("nan"))
     save_file(tensors, str(nan_adapter / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -5,7 +5,7 @@ import sys
 import pytest
 from conftest import E2E_TINY, FIXTURES
 
-from loraq.cli import main
+from loraq.product.cli import main
 
 
 def run(capsys, *argv):

@@ -4,7 +4,7 @@ import pytest
 from conftest import E2E_TINY, FIXTURES
 
 from loraq import LoraqError
-from loraq.data import (
+from loraq.product.data import (
     FALLBACK_TEMPLATE,
     IGNORE_INDEX,
     Example,
@@ -183,8 +183,8 @@ def test_shuffled_batches_are_seeded_and_cover_each_epoch():
 def test_packed_examples_do_not_see_each_other(tiny):
     import torch
 
-    from loraq.data import pack
-    from loraq.train import loss_sum
+    from loraq.product.data import pack
+    from loraq.product.train import loss_sum
 
     model, tok = tiny
     items, _ = encode_all(tok, [Example("Say hi.", "Hi there.", "a"), Example("Count.", "One two three.", "b")], 64)

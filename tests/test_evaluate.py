@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from loraq import LoraqError
-from loraq.evaluate import perplexity, read_text_files
+from loraq.product.evaluate import perplexity, read_text_files
 
 
 def test_perplexity_is_exp_of_the_mean_window_loss(tiny):
@@ -35,7 +35,7 @@ def test_text_files_are_read_and_bad_ones_named(tmp_path):
 
 
 def test_rouge_l_known_values():
-    from loraq.evaluate import rouge_l
+    from loraq.product.evaluate import rouge_l
 
     assert rouge_l("the cat sat", "the cat sat") == pytest.approx(1.0)
     assert rouge_l("the cat", "the big cat") == pytest.approx(2 * (1.0 * 2 / 3) / (1.0 + 2 / 3))
@@ -48,11 +48,11 @@ SENTENCE = "the small red cat sat on the warm mat today"
 def test_generation_scores_use_every_reference(tiny, monkeypatch):
     import sys
 
-    from loraq.data import Example
-    from loraq.evaluate import generation_scores
+    from loraq.product.data import Example
+    from loraq.product.evaluate import generation_scores
 
     model, tok = tiny
-    monkeypatch.setattr(sys.modules["loraq.evaluate"], "generate", lambda m, t, p, max_new_tokens: SENTENCE)
+    monkeypatch.setattr(sys.modules["loraq.product.evaluate"], "generate", lambda m, t, p, max_new_tokens: SENTENCE)
     examples = [Example("p1", SENTENCE, "g1"), Example("p1", "a blue dog", "g1"), Example("p2", "no match", "g2")]
     scores = generation_scores(model, tok, examples)
     assert len(scores.samples) == 2 and scores.samples[0]["references"] == [SENTENCE, "a blue dog"]

@@ -7,9 +7,9 @@ from transformers import AutoModelForCausalLM
 
 import loraq
 from loraq import LoraqError
-from loraq.cli import main
-from loraq.export import merge_run
-from loraq.quant.linear import NF4Linear
+from loraq.product.cli import main
+from loraq.product.export import merge_run
+from loraq.quant.frozen import NF4Linear
 
 
 @pytest.fixture(scope="module")

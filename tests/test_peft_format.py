@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import loraq
 from loraq import LoraConfig, LoraqError
-from loraq.inject import lora_layers
+from loraq.core.inject import lora_layers
 
 
 def logits(model, tokens):
@@ -84,7 +84,7 @@ def test_save_overwrites_atomically_and_failed_save_leaves_nothing(tiny_model_di
     loraq.save_adapter(model, tmp_path / "a")
     before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
 
-    import loraq.peft_format as pf
+    import loraq.formats.peft as pf
 
     def boom(*a, **k):
         raise OSError("disk full")

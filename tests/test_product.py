@@ -7,8 +7,8 @@ from test_train import config as train_config
 
 import loraq
 from loraq import LoraqError
-from loraq.cli import main
-from loraq.plan import plan_memory
+from loraq.product.cli import main
+from loraq.product.plan import plan_memory
 
 
 @pytest.fixture(scope="module")

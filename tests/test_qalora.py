@@ -7,11 +7,11 @@ from torch import nn
 
 import loraq
 from loraq import LoraConfig, LoraqError
-from loraq.inject import lora_layers
-from loraq.lora import LoraLinear
-from loraq.quant.gptq_format import gptq_tensors, int_layer_from_gptq
+from loraq.core.inject import lora_layers
+from loraq.core.lora import LoraLinear
+from loraq.formats.gptq import gptq_tensors, int_layer_from_gptq
+from loraq.quant.frozen import IntLinear, dequantize_linears, quantize_model_int
 from loraq.quant.intk import quantize_rtn
-from loraq.quant.linear import IntLinear, dequantize_linears, quantize_model_int
 
 
 def int_layer(bits=4, group_size=32, out_features=48, in_features=128, bias=True, seed=0):
@@ -152,7 +152,7 @@ def test_an_adapter_for_other_groups_is_refused(qalora_run, tiny_model_dir):
 def test_merge_to_hf_is_exact_and_gptq_reports_its_rounding(qalora_run, tmp_path, tokens):
     from transformers import AutoModelForCausalLM
 
-    from loraq.export import merge_run
+    from loraq.product.export import merge_run
 
     hf = merge_run(qalora_run.out, tmp_path / "hf", dtype="fp32")
     assert hf.error < 1e-3

@@ -7,9 +7,9 @@ from torch import nn
 
 import loraq
 from loraq import LoraConfig, LoraqError
-from loraq.inject import lora_layers
-from loraq.lora import LoraLinear
-from loraq.quant.linear import NF4Linear, quantize_model
+from loraq.core.inject import lora_layers
+from loraq.core.lora import LoraLinear
+from loraq.quant.frozen import NF4Linear, quantize_model
 
 
 def test_nf4_linear_forward_and_gradients():
@@ -112,7 +112,7 @@ def test_bf16_compute_follows_autocast_and_keeps_adapters_fp32(tiny):
 
 
 def test_bf16_on_a_cpu_without_it_is_refused(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(sys.modules["loraq.device"], "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(sys.modules["loraq.product.device"], "cpu_supports_bf16", lambda: False)
     with pytest.raises(LoraqError, match="no native bf16 support"):
         loraq.train(train_config(tmp_path, tiny_model_dir, device="cpu", compute_dtype="bf16"), progress=False)
     with pytest.raises(LoraqError, match="fp16 needs CUDA"):
@@ -126,8 +126,8 @@ def test_bf16_on_a_cpu_without_it_is_refused(tmp_path, tiny_model_dir, monkeypat
 @pytest.mark.parametrize("shape", [(64, 96), (3, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_work_buffers_give_the_same_weight_and_are_reused(shape, dtype):
+    from loraq.quant.frozen import IntLinear
     from loraq.quant.intk import quantize_rtn
-    from loraq.quant.linear import IntLinear
 
     torch.manual_seed(0)
     nf4 = NF4Linear.quantize(nn.Linear(shape[1], shape[0]))

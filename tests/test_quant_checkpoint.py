@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraq import LoraqError
-from loraq.quant.checkpoint import is_quantized_folder, load_quantized, save_quantized
-from loraq.quant.linear import NF4Linear, quantize_model
+from loraq.formats.checkpoint import is_quantized_folder, load_quantized, save_quantized
+from loraq.quant.frozen import NF4Linear, quantize_model
 
 
 @pytest.fixture

@@ -65,9 +65,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    import loraq.train as _  # noqa: F401
+    import loraq.product.train as _  # noqa: F401
 
-    module = sys.modules["loraq.train"]
+    module = sys.modules["loraq.product.train"]
     real = module.loss_sum
     calls = {"n": 0}
 
@@ -96,7 +96,7 @@ def test_resume_refuses_changed_options_and_finished_runs_need_overwrite(tmp_pat
 
 
 def test_schedules_and_report(tmp_path, tiny_model_dir):
-    from loraq.train import lr_at
+    from loraq.product.train import lr_at
 
     lin = loraq.TrainConfig(steps=10, lr=1.0, warmup_steps=0, schedule="linear")
     const = loraq.TrainConfig(steps=10, lr=1.0, warmup_steps=2, schedule="constant")

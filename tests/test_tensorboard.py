@@ -1,6 +1,6 @@
 import struct
 
-from loraq.tensorboard import EventWriter, crc32c
+from loraq.product.tensorboard import EventWriter, crc32c
 
 
 def _records(path):

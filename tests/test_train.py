@@ -7,8 +7,8 @@ from peft import PeftModel
 
 import loraq
 from loraq import LoraqError, TrainConfig
-from loraq.data import collate, encode_all, load_examples
-from loraq.train import loss_sum, lr_at
+from loraq.product.data import collate, encode_all, load_examples
+from loraq.product.train import loss_sum, lr_at
 
 
 def config(tmp_path, tiny_model_dir, **kw):

@@ -12,16 +12,16 @@ The public API::
     loraq.evaluate_run("runs/q", generations=24); loraq.plan_memory(method="qlora")
 """
 
-from .config import LoraConfig
+from .core.config import LoraConfig
+from .core.inject import apply, disable_adapters, merge, parameter_summary, set_active_adapter, unload
 from .errors import LoraqError
-from .evaluate import evaluate_run
-from .export import merge_run
-from .generate import generate
-from .inject import apply, disable_adapters, merge, parameter_summary, set_active_adapter, unload
-from .models import load_model, load_tokenizer
-from .peft_format import load_adapter, save_adapter
-from .plan import plan_memory
-from .train import TrainConfig, TrainResult, train
+from .formats.peft import load_adapter, save_adapter
+from .product.evaluate import evaluate_run
+from .product.export import merge_run
+from .product.generate import generate
+from .product.models import load_model, load_tokenizer
+from .product.plan import plan_memory
+from .product.train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 

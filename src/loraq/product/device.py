@@ -9,7 +9,7 @@ import os
 import torch
 from torch import nn
 
-from .errors import LoraqError
+from ..errors import LoraqError
 from .train_config import TrainConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import LoraqError
-from .intk import quantize_rtn
-from .linear import IntLinear, QuantizeLayer
+from ..quant.frozen import IntLinear, QuantizeLayer
+from ..quant.intk import quantize_rtn
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 _HF = {

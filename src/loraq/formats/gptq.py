@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraqError
-from .linear import IntLinear
+from ..quant.frozen import IntLinear
 
 GPTQ_BITS = (2, 4, 8)
 

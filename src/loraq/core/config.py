@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 
-from .errors import LoraqError
+from ..errors import LoraqError
 
 METHODS = ("lora", "qlora", "qalora")
 QALORA_BITS = (2, 3, 4, 8)

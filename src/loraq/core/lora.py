@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LoraqError
 from .config import LoraConfig
-from .errors import LoraqError
 
 
 class LoraAdapter(nn.Module):

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import LoraqError
+from ..errors import LoraqError
 
 COLUMNS = ("run", "method", "steps", "best val loss", "minutes", "tokens/s", "peak RSS MB")
 

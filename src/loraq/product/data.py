@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoraqError
+from ..errors import LoraqError
 from .fetch import E2E_TASK, fetch
 
 E2E_INSTRUCTION = "Write a one-sentence restaurant description from these attributes: {attributes}"

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import LoraqError
+from ..quant.frozen import IntLinear, NF4Linear, plain_linear, replace_module
 from .config import LoraConfig
-from .errors import LoraqError
 from .lora import LoraLinear
-from .quant.linear import IntLinear, NF4Linear, plain_linear, replace_module
 
 QUANTIZED = (NF4Linear, IntLinear)
 

@@ -17,10 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_folder
-from .config import LoraConfig
-from .errors import LoraqError
-from .inject import apply, linear_module_names, lora_layers
+from ..atomic import atomic_folder
+from ..core.config import LoraConfig
+from ..core.inject import apply, linear_module_names, lora_layers
+from ..errors import LoraqError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -172,7 +172,7 @@ def _qalora_group_size(path: Path) -> int:
 
 def _all_int_bases(model: nn.Module, pairs: dict, pool: int) -> bool:
     """Whether every adapted layer is an INT-k layer quantized in groups of `pool` (then pool again)."""
-    from .quant.linear import IntLinear
+    from ..quant.frozen import IntLinear
 
     bases = {name: getattr(model.get_submodule(name), "base", model.get_submodule(name)) for name in pairs}
     for name, base in bases.items():

@@ -12,14 +12,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .config import LoraConfig
-from .data import ordered_batches
-from .errors import LoraqError
-from .fetch import SMOLLM2_GGUF, fetch
-from .models import _ALIASES, load_model
-from .quant.gguf import gguf_int_layers
-from .quant.intk import relative_error
-from .quant.linear import (
+from ..core.config import LoraConfig
+from ..errors import LoraqError
+from ..formats.gguf import gguf_int_layers
+from ..quant.frozen import (
     IntLinear,
     NF4Linear,
     collect_hessians,
@@ -28,6 +24,10 @@ from .quant.linear import (
     quantize_linears,
     quantize_model_int,
 )
+from ..quant.intk import relative_error
+from .data import ordered_batches
+from .fetch import SMOLLM2_GGUF, fetch
+from .models import _ALIASES, load_model
 
 CALIBRATION_EXAMPLES = 256
 

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_folder
-from .errors import LoraqError
+from ..atomic import atomic_folder
+from ..errors import LoraqError
 
 KEEP = 2
 

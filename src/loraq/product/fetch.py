@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LoraqError
+from ..errors import LoraqError
 
 
 @dataclass(frozen=True)

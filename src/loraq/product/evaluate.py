@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LoraqError
 from .data import Example
-from .errors import LoraqError
 from .fetch import HELD_OUT_TEXT, fetch
 from .generate import generate
 
@@ -174,10 +174,10 @@ def evaluate_run(
         text: plain text files to measure perplexity on; `held_out` uses the default held-out text.
         generations: greedy generations on that many test prompts, scored by BLEU and ROUGE-L.
     """
+    from ..formats.peft import load_adapter
     from .data import encode_all, load_examples, split_by_group
     from .methods import rebuild_base
     from .models import load_tokenizer
-    from .peft_format import load_adapter
     from .train import evaluate_loss
 
     path = Path(run_or_model)

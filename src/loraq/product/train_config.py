@@ -10,8 +10,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .config import LoraConfig
-from .errors import LoraqError
+from ..core.config import LoraConfig
+from ..errors import LoraqError
 from .models import DEFAULT_MODEL
 
 SCHEDULES = ("cosine", "linear", "constant")

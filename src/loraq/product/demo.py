@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
 from .data import load_examples, split_by_group
 from .export import merge_run
 from .generate import generate

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
 
 
 def read_metrics(path: Path) -> list[dict]:

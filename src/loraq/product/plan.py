@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import LoraqError
+from ..errors import LoraqError
 
 RUNTIME_BYTES = 420 * 2**20  # Python, torch and transformers loaded, before any tensor of the model
 ALLOCATOR_SLACK = 1.10  # freed-but-not-returned memory of the C allocator

@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_folder
+from ..atomic import atomic_folder
+from ..core.inject import lora_layers, merge, unload
+from ..errors import LoraqError
+from ..formats.checkpoint import write_quantized
+from ..formats.gguf import write_gguf
+from ..formats.gptq import gptq_tensors, int_layer_from_gptq, write_gptq
+from ..formats.peft import load_adapter, read_adapter_config, save_adapter
+from ..quant.frozen import IntLinear, dequantize_linears, int_layers, nf4_layers, quantize_linears, replace_module
 from .data import encode_all, load_examples, ordered_batches, split_by_group
-from .errors import LoraqError
-from .inject import lora_layers, merge, unload
 from .methods import gguf_source, method_of, rebuild_base
 from .models import load_tokenizer
-from .peft_format import load_adapter, read_adapter_config, save_adapter
-from .quant.checkpoint import write_quantized
-from .quant.gguf import write_gguf
-from .quant.gptq_format import gptq_tensors, int_layer_from_gptq, write_gptq
-from .quant.linear import IntLinear, dequantize_linears, int_layers, nf4_layers, quantize_linears, replace_module
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMATS = ("hf", "gguf", "gptq", "peft")

@@ -23,7 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
+from ..core.inject import apply, parameter_summary
+from ..errors import LoraqError
+from ..formats.peft import save_adapter
 from .data import (
     IGNORE_INDEX,
     Splits,
@@ -35,11 +38,8 @@ from .data import (
     split_by_group,
 )
 from .device import _all_reduce_gradients, autocast, init_distributed, resolve_device
-from .errors import LoraqError
-from .inject import apply, parameter_summary
 from .methods import prepare_base
 from .models import load_tokenizer
-from .peft_format import save_adapter
 from .report import write_report
 from .resume import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from .tensorboard import EventWriter

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_folder
-from .errors import LoraqError
+from ..atomic import atomic_folder
+from ..errors import LoraqError
+from ..formats.checkpoint import is_quantized_folder, load_quantized, load_quantizing
+from ..quant.frozen import QuantizeLayer, quantize_linears
 from .fetch import SMOLLM2_GGUF, cache_dir, fetch
-from .quant.checkpoint import is_quantized_folder, load_quantized, load_quantizing
-from .quant.linear import QuantizeLayer, quantize_linears
 
 DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from .errors import LoraqError
+from ..errors import LoraqError
 
 
 def _parse_targets(value: str) -> str | list[str]:
@@ -149,9 +149,9 @@ def _run(args: argparse.Namespace) -> int:
         losses = f"{result.val_loss_before:.4f} -> {result.val_loss_after:.4f}"
         print(f"validation loss {losses}; adapter in {result.out / 'adapter'}")
     elif args.command == "generate":
+        from ..formats.peft import load_adapter
         from .generate import generate
         from .models import load_model
-        from .peft_format import load_adapter
 
         if args.max_new_tokens < 1:
             raise LoraqError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "eval":
         import json
 
-        from .atomic import atomic_write_text
+        from ..atomic import atomic_write_text
         from .evaluate import evaluate_run
 
         report = evaluate_run(

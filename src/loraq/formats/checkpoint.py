@@ -22,8 +22,8 @@ from torch import nn
 
 from ..atomic import atomic_folder
 from ..errors import LoraqError
-from .linear import NF4Linear, quantizable_linear_names, replace_module
-from .nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, NF4State, code_4bit, dynamic_code_8bit
+from ..quant.frozen import NF4Linear, quantizable_linear_names, replace_module
+from ..quant.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, NF4State, code_4bit, dynamic_code_8bit
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
