@@ -21,7 +21,7 @@ def main() -> int:
         print("no CUDA device: nothing to check")
         return 1
     import loraq
-    from loraq.product.methods import prepare_base
+    from loraq.product.base import build_base
     from loraq.quant.frozen import NF4Linear
 
     tokenizer = loraq.product.models.load_tokenizer("smollm2-135m")
@@ -29,7 +29,7 @@ def main() -> int:
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][: 4 * 256]).view(4, 256)
     for method in ("lora", "qlora", "qalora"):
         config = loraq.LoraConfig(r=16, alpha=32, method=method)
-        model, _, _ = prepare_base("smollm2-135m", config)
+        model, _, _ = build_base("smollm2-135m", config)
         loraq.apply(model, config)
         for layer in loraq.core.inject.lora_layers(model).values():
             torch.nn.init.normal_(layer.adapters["default"].B, std=0.01)

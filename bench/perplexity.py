@@ -15,7 +15,8 @@ import torch
 
 def load(setup: str):
     import loraq
-    from loraq.quant.frozen import quantize_model
+    from loraq.quant.schemes import scheme_named
+    from loraq.quant.schemes.nf4 import NF4
 
     if setup.startswith("bnb"):
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -34,14 +35,13 @@ def load(setup: str):
         )
         return model, AutoTokenizer.from_pretrained(folder)
     if setup.startswith("int"):  # e.g. int4-g32: RTN, llama.cpp's Q4_1 rule
-        from loraq.quant.frozen import int_layers
-
         bits, _, group = setup[3:].partition("-g")
-        return loraq.load_model("smollm2-135m", quantize_layer=int_layers(int(bits), int(group)))
+        scheme = scheme_named(f"int{bits}", int(group))
+        return loraq.load_model("smollm2-135m", quantize_layer=scheme.quantize_layer)
     model, tokenizer = loraq.load_model("smollm2-135m")
     if setup != "fp32":
         quant_type, _, dq = setup.partition("-")
-        quantize_model(model, quant_type=quant_type, double_quant=dq == "dq")
+        NF4(quant_type, 64, double_quant=dq == "dq").quantize_model(model)
     return model, tokenizer
 
 

@@ -25,10 +25,10 @@ from torch import nn
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as deployed: quantized layers as stored, every other tensor at 16 bits."""
-    from loraq.quant.frozen import IntLinear, NF4Linear
+    from loraq.quant.frozen import FrozenQuantized
 
     seen, total = set(), 0
-    quantized = [m for m in model.modules() if isinstance(m, (IntLinear, NF4Linear))]
+    quantized = [m for m in model.modules() if isinstance(m, FrozenQuantized)]
     inside = {id(t) for m in quantized for t in list(m.buffers()) + list(m.parameters())}
     total += sum(m.storage_bytes() for m in quantized)
     for t in list(model.parameters()) + list(model.buffers()):
@@ -62,7 +62,7 @@ def main() -> None:
     from loraq.product.evaluate import generation_scores
     from loraq.product.export import merge_run
     from loraq.product.train import evaluate_loss
-    from loraq.quant.frozen import int_layers, quantize_linears
+    from loraq.quant.schemes import scheme_named
 
     out = Path(args.out)
     splits = split_by_group(load_examples("e2e"))
@@ -106,7 +106,8 @@ def main() -> None:
             score("(a) LoRA -> 16-bit", as_16bit(merged), tok, run)
         elif method == "qlora":
             for k in (4, 3, 2) if args.requantized else ():
-                requantized = quantize_linears(copy.deepcopy(merged), int_layers(k, 32))
+                requantized = copy.deepcopy(merged)
+                scheme_named(f"int{k}", 32).quantize_model(requantized)
                 score(f"(c) QLoRA -> INT{k} g32 RTN", requantized, tok, run)
             score("(b) QLoRA -> 16-bit", as_16bit(merged), tok, run)
         else:

@@ -17,11 +17,12 @@ import torch
 
 def model_bytes() -> None:
     import loraq
-    from loraq.quant.frozen import NF4Linear, quantize_model
+    from loraq.quant.frozen import NF4Linear
+    from loraq.quant.schemes.nf4 import NF4
 
     model, _ = loraq.load_model("smollm2-135m")
     fp32 = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())
-    quantize_model(model)
+    NF4().quantize_model(model)
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     layers = [m for m in model.modules() if isinstance(m, NF4Linear)]

@@ -42,11 +42,9 @@ def load(which: str, rank: int):
     import loraq
 
     if which.startswith("loraq"):
-        from loraq.quant.frozen import nf4_layers
-
         # QLoRA quantizes while loading (NF4 + double quantization, blocksize 64), as `loraq train` does
-        quantize = nf4_layers() if which == "loraq-qlora" else None
-        model, tokenizer = loraq.load_model("smollm2-135m", quantize_layer=quantize)
+        method = "qlora" if which == "loraq-qlora" else "lora"
+        model, tokenizer = loraq.load_model("smollm2-135m", method=method)
         loraq.apply(model, loraq.LoraConfig(r=rank, alpha=2 * rank, targets=PROJECTIONS))
         return model, tokenizer
     from peft import LoraConfig, get_peft_model

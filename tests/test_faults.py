@@ -70,6 +70,7 @@ def test_a_run_writes_only_its_folder(tmp_path, tiny_model_dir, monkeypatch):
         "adapter",
         "checkpoints",
         "config.json",
+        "data.json",
         "metrics.jsonl",
         "loss.png",
         "summary.json",

@@ -8,7 +8,7 @@ import torch
 import loraq
 from loraq import LoraqError
 from loraq.formats.gguf import (
-    gguf_int_layers,
+    Q4_1Layers,
     hf_linear_name,
     q4_1_decode,
     q4_1_encode,
@@ -16,8 +16,10 @@ from loraq.formats.gguf import (
     rows_to_gguf,
     write_gguf,
 )
-from loraq.quant.frozen import IntLinear, quantize_model_int
+from loraq.quant.frozen import IntLinear
 from loraq.quant.intk import quantize_rtn
+from loraq.quant.schemes.gguf import GgufCodes
+from loraq.quant.schemes.intk import IntRTN
 
 
 def test_q4_1_blocks_decode_like_the_gguf_package():
@@ -84,9 +86,9 @@ def _tiny_gguf(model, path):
 def test_gguf_codes_become_int_layers_and_write_back_byte_for_byte(tiny, tiny_model_dir, tmp_path):
     model, _ = tiny
     _tiny_gguf(model, tmp_path / "tiny.gguf")
-    from_gguf, _ = loraq.load_model(tiny_model_dir, quantize_layer=gguf_int_layers(tmp_path / "tiny.gguf"))
+    from_gguf, _ = loraq.load_model(tiny_model_dir, quantize_layer=GgufCodes(tmp_path / "tiny.gguf").quantize_layer)
     rtn, _ = loraq.load_model(tiny_model_dir)
-    quantize_model_int(rtn, 4, 32)
+    IntRTN(4, 32).quantize_model(rtn)
     for name, layer in from_gguf.named_modules():
         if isinstance(layer, IntLinear):
             other = rtn.get_submodule(name)
@@ -100,9 +102,9 @@ def test_gguf_errors_are_named(tiny, tmp_path):
     model, _ = tiny
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
     with pytest.raises(LoraqError, match="bad.gguf: not a readable GGUF file"):
-        gguf_int_layers(tmp_path / "bad.gguf")
+        Q4_1Layers(tmp_path / "bad.gguf")
     _tiny_gguf(model, tmp_path / "tiny.gguf")
-    with pytest.raises(LoraqError, match="layer model.layers.0.self_attn.q_proj is missing"):
+    with pytest.raises(LoraqError, match="layer model.layers.0.self_attn.q_proj is full precision"):
         write_gguf(model, tmp_path / "tiny.gguf", tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists() and not list(tmp_path.glob(".out.gguf*"))
 
@@ -115,7 +117,7 @@ def test_default_gguf_codes_are_rtn_g32_of_the_loaded_weights():
     from loraq.product.fetch import SMOLLM2_GGUF, fetch
 
     fp32, _ = loraq.load_model("smollm2-135m")
-    model, _ = loraq.load_model("smollm2-135m", quantize_layer=gguf_int_layers(fetch(SMOLLM2_GGUF)))
+    model, _ = loraq.load_model("smollm2-135m", quantize_layer=GgufCodes(fetch(SMOLLM2_GGUF)).quantize_layer)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, IntLinear)}
     assert len(layers) == 210
     for name, layer in layers.items():

@@ -3,10 +3,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loraq.quant.gptq import quantize_gptq
 from loraq.quant.intk import (
     dequantize_int,
     pack_codes,
-    quantize_gptq,
     quantize_rtn,
     relative_error,
     unpack_codes,

@@ -7,11 +7,12 @@ from torch import nn
 
 import loraq
 from loraq import LoraConfig, LoraqError
-from loraq.core.inject import lora_layers
+from loraq.core.inject import dequantize_base, lora_layers
 from loraq.core.lora import LoraLinear
 from loraq.formats.gptq import gptq_tensors, int_layer_from_gptq
-from loraq.quant.frozen import IntLinear, dequantize_linears, quantize_model_int
+from loraq.quant.frozen import IntLinear
 from loraq.quant.intk import quantize_rtn
+from loraq.quant.schemes.intk import IntRTN
 
 
 def int_layer(bits=4, group_size=32, out_features=48, in_features=128, bias=True, seed=0):
@@ -65,7 +66,7 @@ def test_gradients_flow_to_both_factors_and_never_to_the_base():
 
 def test_model_level_apply_merge_and_parameter_counts(tiny, tokens):
     model, _ = tiny
-    errors = quantize_model_int(model, bits=4, group_size=32)
+    errors = IntRTN(4, 32).quantize_model(model)
     assert len(errors) == 14 and max(errors.values()) < 0.2
     loraq.apply(model, LoraConfig(r=4, alpha=8, method="qalora", group_size=32))
     qalora_trainable = loraq.parameter_summary(model).trainable
@@ -84,17 +85,17 @@ def test_model_level_apply_merge_and_parameter_counts(tiny, tokens):
 
 def test_pooling_must_match_the_quantization_groups(tiny):
     model, _ = tiny
-    with pytest.raises(LoraqError, match="needs an INT-k quantized base"):
-        loraq.apply(model, LoraConfig(r=4, method="qalora", group_size=32))
-    quantize_model_int(model, bits=4, group_size=64)
-    with pytest.raises(LoraqError, match="pooling window 32 .* groups of 64"):
+    IntRTN(4, 64).quantize_model(model)
+    with pytest.raises(
+        LoraqError, match="pools groups of 32 input columns .* is INT4 g64: the adapter could not merge"
+    ):
         loraq.apply(model, LoraConfig(r=4, method="qalora", group_size=32))
 
 
 def test_a_group_size_that_does_not_divide_a_layer_is_named(tiny):
     model, _ = tiny
     with pytest.raises(LoraqError, match="--group-size: group size 256 does not divide the input size 64 of layer"):
-        quantize_model_int(model, bits=4, group_size=256)
+        IntRTN(4, 256).quantize_model(model)
     with pytest.raises(LoraqError, match="bits"):
         LoraConfig(method="qalora", bits=5)
 
@@ -125,7 +126,7 @@ def test_saved_adapter_pools_again_on_an_int_base_and_expands_for_peft(qalora_ru
     with torch.no_grad():
         trained = qalora_run.model(tokens).logits
     base, _ = loraq.load_model(tiny_model_dir)
-    quantize_model_int(base, 4, 32)
+    IntRTN(4, 32).quantize_model(base)
     loraq.load_adapter(base, adapter)
     layer = next(iter(lora_layers(base).values()))
     assert layer.adapters["default"].pool == 32 and layer.adapters["default"].A.shape[1] == layer.in_features // 32
@@ -135,8 +136,8 @@ def test_saved_adapter_pools_again_on_an_int_base_and_expands_for_peft(qalora_ru
     from peft import PeftModel
 
     plain, _ = loraq.load_model(tiny_model_dir)
-    quantize_model_int(plain, 4, 32)
-    dequantize_linears(plain)
+    IntRTN(4, 32).quantize_model(plain)
+    dequantize_base(plain)
     peft_model = PeftModel.from_pretrained(plain, adapter)
     with torch.no_grad():
         torch.testing.assert_close(peft_model(tokens).logits, trained, rtol=1e-4, atol=1e-4)
@@ -144,7 +145,7 @@ def test_saved_adapter_pools_again_on_an_int_base_and_expands_for_peft(qalora_ru
 
 def test_an_adapter_for_other_groups_is_refused(qalora_run, tiny_model_dir):
     base, _ = loraq.load_model(tiny_model_dir)
-    quantize_model_int(base, 4, 64)
+    IntRTN(4, 64).quantize_model(base)
     with pytest.raises(LoraqError, match="pools groups of 32 columns, but layer .* groups of 64"):
         loraq.load_adapter(base, qalora_run.out / "adapter")
 

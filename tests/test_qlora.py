@@ -9,13 +9,19 @@ import loraq
 from loraq import LoraConfig, LoraqError
 from loraq.core.inject import lora_layers
 from loraq.core.lora import LoraLinear
-from loraq.quant.frozen import NF4Linear, quantize_model
+from loraq.quant.frozen import NF4Linear
+from loraq.quant.schemes.nf4 import NF4
+from loraq.quant.workspace import Workspace
+
+
+def nf4_layer(linear: nn.Linear) -> NF4Linear:
+    return NF4().quantize_layer("", linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
 
 
 def test_nf4_linear_forward_and_gradients():
     torch.manual_seed(0)
     linear = nn.Linear(96, 48)
-    q = NF4Linear.quantize(linear)
+    q = nf4_layer(linear)
     w = q.dequantize()
     x = torch.randn(5, 96, requires_grad=True)
     y = q(x)
@@ -28,7 +34,7 @@ def test_nf4_linear_forward_and_gradients():
 
 def test_qlora_equals_lora_on_the_dequantized_weight():
     torch.manual_seed(0)
-    q = NF4Linear.quantize(nn.Linear(128, 64, bias=False))
+    q = nf4_layer(nn.Linear(128, 64, bias=False))
     plain = nn.Linear(128, 64, bias=False)
     plain.weight.data = q.dequantize()
     a, b = LoraLinear(q), LoraLinear(plain)
@@ -51,7 +57,7 @@ def test_gradients_reach_every_lora_parameter_after_generate(tiny):
     """The bitsandbytes CPU trap: after a no-grad generate() a 4-bit layer must still pass input gradients."""
     model, tok = tiny
     total = loraq.parameter_summary(model).total
-    quantize_model(model)
+    NF4().quantize_model(model)
     loraq.apply(model, LoraConfig(r=4, alpha=8))
     summary = loraq.parameter_summary(model)
     assert summary.total == total + summary.trainable
@@ -97,7 +103,7 @@ def test_grad_checkpoint_gives_the_same_losses(tmp_path, tiny_model_dir):
 
 def test_bf16_compute_follows_autocast_and_keeps_adapters_fp32(tiny):
     model, tok = tiny
-    quantize_model(model)
+    NF4().quantize_model(model)
     loraq.apply(model, LoraConfig(r=4, alpha=8))
     ids = torch.randint(3, len(tok), (2, 10))
     seen = []
@@ -130,13 +136,14 @@ def test_work_buffers_give_the_same_weight_and_are_reused(shape, dtype):
     from loraq.quant.intk import quantize_rtn
 
     torch.manual_seed(0)
-    nf4 = NF4Linear.quantize(nn.Linear(shape[1], shape[0]))
+    nf4 = nf4_layer(nn.Linear(shape[1], shape[0]))
     layers = [nf4]
     if shape[1] % 32 == 0:
         layers.append(IntLinear(*quantize_rtn(torch.randn(shape), 4, 32), 4))
+    workspace = Workspace()
     for layer in layers:
         fresh = layer.dequantize(dtype)
-        reused = layer.dequantize(dtype, reuse_buffers=True)
+        reused = layer.dequantize(dtype, workspace)
         assert torch.equal(fresh, reused)
-        assert layer.dequantize(dtype, reuse_buffers=True).data_ptr() == reused.data_ptr()  # no new allocation
+        assert layer.dequantize(dtype, workspace).data_ptr() == reused.data_ptr()  # no new allocation
         assert layer.dequantize(dtype).data_ptr() != fresh.data_ptr()

@@ -6,13 +6,14 @@ from safetensors.torch import load_file, save_file
 
 from loraq import LoraqError
 from loraq.formats.checkpoint import is_quantized_folder, load_quantized, save_quantized
-from loraq.quant.frozen import NF4Linear, quantize_model
+from loraq.quant.frozen import NF4Linear
+from loraq.quant.schemes.nf4 import NF4
 
 
 @pytest.fixture
 def saved(tiny, tmp_path):
     model, tokenizer = tiny
-    quantize_model(model)
+    NF4().quantize_model(model)
     folder = save_quantized(model, tokenizer, tmp_path / "q")
     return model, folder
 
@@ -20,7 +21,7 @@ def saved(tiny, tmp_path):
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
 def test_round_trip_is_exact_and_does_not_requantize(tiny, tokens, tmp_path, quant_type, double_quant):
     model, tokenizer = tiny
-    quantize_model(model, quant_type=quant_type, double_quant=double_quant)
+    NF4(quant_type, 64, double_quant).quantize_model(model)
     save_quantized(model, tokenizer, tmp_path / "q")
     assert is_quantized_folder(tmp_path / "q")
     loaded = load_quantized(tmp_path / "q")

@@ -10,7 +10,8 @@ from ..errors import LoraqError
 
 METHODS = ("lora", "qlora", "qalora")
 QALORA_BITS = (2, 3, 4, 8)
-QUANTIZERS = ("rtn", "gptq")
+# The quantizers (quant/schemes/ REGISTRY names) each method may use; the first is its default ("auto").
+METHOD_QUANTIZERS = {"lora": ("none",), "qlora": ("nf4", "fp4"), "qalora": ("rtn", "gptq")}
 INITS = ("kaiming", "gaussian")
 
 
@@ -28,11 +29,14 @@ class LoraConfig:
             except the output head.
         init: "kaiming" (kaiming-uniform with a=sqrt(5), as PEFT and loralib) or "gaussian" (N(0, 1/r)).
         use_rslora: rank-stabilised scaling alpha/sqrt(r).
-        method: "lora"; "qlora" (the frozen base stored as NF4 with double-quantized constants); or "qalora"
-            (the base stored as group-wise INT-k, the adapter input mean-pooled over each quantization group,
-            so that the adapter merges exactly into the group offsets).
-        bits, group_size, quantizer: the INT-k base of "qalora" (k in 2, 3, 4, 8; a power-of-two group
-            size; "rtn" round-to-nearest or "gptq"). The adapter's pooling window is `group_size`.
+        method: the frozen base the adapter trains on: "lora" (as loaded); "qlora" (NF4 with
+            double-quantized constants); or "qalora" (group-wise INT-k, the adapter input mean-pooled over each
+            quantization group, so that the adapter merges exactly into the group offsets). `apply` builds
+            that base on a full-precision model.
+        bits, group_size: the INT-k base of "qalora" (k in 2, 3, 4, 8; a power-of-two group size, which is
+            also the adapter's pooling window).
+        quantizer: "auto" (the method's default), or for "qlora" "nf4" / "fp4", for "qalora" "rtn"
+            (round-to-nearest; a Q4_1 GGUF's own codes at 4 bits, groups of 32) / "gptq" (calibrated).
         adapter_name: name of the adapter inside the model; several may coexist, one active.
     """
 
@@ -46,7 +50,7 @@ class LoraConfig:
     adapter_name: str = "default"
     bits: int = 4
     group_size: int = 32
-    quantizer: str = "rtn"
+    quantizer: str = "auto"
 
     def __post_init__(self) -> None:
         problems = []
@@ -65,8 +69,12 @@ class LoraConfig:
         gs = self.group_size
         if isinstance(gs, bool) or not isinstance(gs, int) or gs < 2 or gs & (gs - 1):
             problems.append(f"group_size (--group-size) must be a power of two >= 2, got {gs!r}")
-        if self.quantizer not in QUANTIZERS:
-            problems.append(f"quantizer (--quantizer) must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
+        allowed = METHOD_QUANTIZERS.get(self.method, ())
+        if self.quantizer != "auto" and allowed and self.quantizer not in allowed:
+            problems.append(
+                f"quantizer (--quantizer) for method {self.method} must be auto or {' or '.join(allowed)}, "
+                f"got {self.quantizer!r}"
+            )
         if not self.adapter_name or not re.fullmatch(r"[A-Za-z0-9_\-]+", self.adapter_name):
             problems.append(f"adapter_name must be letters, digits, '_' or '-', got {self.adapter_name!r}")
         if isinstance(self.targets, str):
@@ -90,6 +98,11 @@ class LoraConfig:
     def pool(self) -> int:
         """Input columns averaged before A: the group size for QA-LoRA, 1 for LoRA and QLoRA."""
         return self.group_size if self.method == "qalora" else 1
+
+    @property
+    def resolved_quantizer(self) -> str:
+        """The quantizer the method uses: `quantizer`, or the method's default for "auto"."""
+        return METHOD_QUANTIZERS[self.method][0] if self.quantizer == "auto" else self.quantizer
 
     @property
     def scaling(self) -> float:

@@ -1,35 +1,42 @@
-"""Model surgery: find the target linear layers, wrap them, freeze the rest, and undo it all by merging."""
+"""Model surgery: build the base the method names, find the target linear layers, wrap them, freeze the rest,
+and undo it all by merging."""
 
 from __future__ import annotations
 
 import contextlib
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import LoraqError
-from ..quant.frozen import IntLinear, NF4Linear, plain_linear, replace_module
+from ..quant.frozen import FrozenQuantized
+from ..quant.schemes import Scheme, scheme_for, scheme_of
 from .config import LoraConfig
+from .layers import is_plain_linear, plain_linear, replace_module
 from .lora import LoraLinear
-
-QUANTIZED = (NF4Linear, IntLinear)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Names of every linear layer that can take an adapter (all `nn.Linear` except the output head)."""
+    """Names of every linear layer that can take an adapter: nn.Linear, GPT-2's Conv1D and frozen quantized
+    layers, except the output head."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     wrapped = tuple(name + "." for name in lora_layers(model))
     names = []
     for name, module in model.named_modules():
         if wrapped and name.startswith(wrapped):
             continue  # the base layer inside a LoraLinear is not a target of its own
-        if isinstance(module, (LoraLinear, *QUANTIZED)) or (isinstance(module, nn.Linear) and module is not head):
+        if isinstance(module, (LoraLinear, FrozenQuantized)) or (is_plain_linear(module) and module is not head):
             names.append(name)
     return names
+
+
+def _what_the_model_has(model: nn.Module) -> str:
+    kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
+    return ", ".join(kinds) or "no layers"
 
 
 def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
@@ -51,11 +58,16 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
                 f"this model's linear layers are {', '.join(suffixes)}"
             )
         chosen = [n for n in candidates if any(n == t or n.endswith("." + t) for t in targets)]
+    if not chosen and not candidates:
+        raise LoraqError(
+            f"targets (--targets): {targets!r} matches no linear layer: this model has no nn.Linear or Conv1D "
+            f"layer besides its output head; its layers are {_what_the_model_has(model)}"
+        )
     if not chosen:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise LoraqError(
             f"targets (--targets): {targets!r} matches no linear layer; this model's linear layers are "
-            f"{', '.join(suffixes)} (e.g. {candidates[0] if candidates else 'none'})"
+            f"{', '.join(suffixes)} (e.g. {candidates[0]})"
         )
     return chosen
 
@@ -63,15 +75,19 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
 def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Attach a LoRA adapter to the model's target layers and freeze everything else.
 
-    The model is changed in place and returned. Applying a second config with another `adapter_name`
-    adds a second adapter beside the first; the active one stays active until `set_active_adapter`.
+    The method decides the base: on a full-precision model, `method="qlora"` first quantizes every linear
+    layer but the output head to NF4 (or FP4), and `method="qalora"` to INT-k round-to-nearest, layer by
+    layer, as training does; a base already in the method's format is kept. The model is changed in place and
+    returned. Applying a second config with another `adapter_name` adds a second adapter beside the first;
+    the active one stays active until `set_active_adapter`.
 
     Raises:
-        LoraqError: no layer matches `config.targets`, or the adapter name is taken.
+        LoraqError: no layer matches `config.targets`; the adapter name is taken; the base is quantized in a
+            format the method cannot train on; GPTQ, which needs calibration data (use `quantize` first).
     """
     names = find_targets(model, config.targets)
-    if config.pool > 1:
-        _check_pooling(model, names, config.pool)
+    scheme = scheme_for(config)
+    _build_base(model, names, config, scheme)
     active = next((layer.active for layer in lora_layers(model).values() if layer.active), config.adapter_name)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -89,20 +105,43 @@ def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
     return model
 
 
-def _check_pooling(model: nn.Module, names: list[str], pool: int) -> None:
-    """QA-LoRA pooling windows must be the base's quantization groups, or the merge would not be exact."""
+def quantize(model: nn.Module, config: LoraConfig, calibration: Iterable[dict] | None = None) -> dict[str, float]:
+    """Quantize every linear layer of a full-precision model but the output head into the base
+    `config.method` trains on (NF4 for qlora, INT-k for qalora), one layer at a time, in place, on the
+    device the model is on. `apply` does this itself, except for GPTQ, which needs `calibration`: batches
+    (dicts of input_ids and attention_mask tensors) of text like the training data.
+
+    Returns:
+        ||W - Ŵ||/||W|| of each quantized layer, by name (empty for plain LoRA).
+    """
+    return scheme_for(config).quantize_model(model, calibration)
+
+
+def _build_base(model: nn.Module, names: list[str], config: LoraConfig, scheme: Scheme) -> None:
+    """Make the target layers' base the one the method names, or say why it cannot be."""
+    bases = {}
     for name in names:
         module = model.get_submodule(name)
-        base = module.base if isinstance(module, LoraLinear) else module
-        if not isinstance(base, IntLinear):
+        bases[name] = scheme_of(module.base if isinstance(module, LoraLinear) else module)
+    full = [n for n, s in bases.items() if s is not None and not s.quantized]
+    if config.method != "lora" and full:
+        if any(isinstance(m, LoraLinear) for m in model.modules()):
             raise LoraqError(
-                f"QA-LoRA (method qalora) needs an INT-k quantized base, but layer {name} is "
-                f"{type(base).__name__}; quantize the model with quantize_model_int first"
+                f"method {config.method}: layer {full[0]} already holds an adapter on a full-precision base; "
+                "quantize the model before applying the first adapter"
             )
-        if base.group_size != pool:
+        scheme.quantize_model(model)  # every linear layer but the head, as training does
+        bases = {n: scheme_of(model.get_submodule(n)) for n in names}
+    for name, base in bases.items():
+        if config.method == "qlora" and base.storage != scheme.storage:
             raise LoraqError(
-                f"QA-LoRA pooling window {pool} (--group-size) does not match layer {name}'s quantization "
-                f"groups of {base.group_size}; the adapter could not merge exactly"
+                f"method qlora trains on an {scheme.describe()} base, but layer {name} is {base.describe()}"
+            )
+        if config.pool > 1 and not base.merges_exactly(config.pool):
+            raise LoraqError(
+                f"QA-LoRA (method qalora) pools groups of {config.pool} input columns (--group-size), but layer "
+                f"{name} is {base.describe()}: the adapter could not merge exactly; quantize the model as "
+                f"INT{config.bits} g{config.pool} (loraq.quantize) or load it with method='qalora'"
             )
 
 
@@ -142,16 +181,16 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights and remove every adapter (PEFT's merge_and_unload).
 
     Returns the same model object, now a plain transformers model with no LoRA layers, computing what
-    the adapted model computed with no added latency. A QA-LoRA adapter leaves its INT-k layers INT-k
-    (offsets changed, codes untouched); an NF4 base, or an INT-k base under a plain LoRA, is dequantized.
+    the adapted model computed with no added latency. Where the base's scheme takes the adapter exactly (a
+    full-precision base; a QA-LoRA adapter on its INT-k base: offsets changed, codes untouched) the base
+    keeps its format; otherwise (NF4, or INT-k under a plain LoRA) the layer is dequantized to fp32 first.
     """
     for name, layer in lora_layers(model).items():
-        pooled = layer.active is not None and layer.adapters[layer.active].pool > 1
-        if isinstance(layer.base, NF4Linear) or (isinstance(layer.base, IntLinear) and not pooled):
-            replace_module(model, name, _merged_linear(layer))
-        else:
-            layer.merge()  # nn.Linear: into the weight; IntLinear + QA-LoRA: exactly into the group offsets
+        if layer.active is None or layer.merges_exactly():
+            layer.merge()
             replace_module(model, name, layer.base)
+        else:
+            replace_module(model, name, _merged_linear(layer))
     if hasattr(model, "loraq_configs"):
         del model.loraq_configs
     return model
@@ -191,14 +230,21 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     # a 4-bit layer holds its weight in buffers; count it as the parameters it stands for
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QUANTIZED))
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, FrozenQuantized))
     return ParameterSummary(trainable, total)
+
+
+def dequantize_base(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every frozen quantized layer (outside adapters too) by a plain nn.Linear of its weight."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FrozenQuantized):
+            replace_module(model, name, plain_linear(scheme_of(module).dequantize(module), module.bias, dtype))
+    return model
 
 
 def _merged_linear(layer: LoraLinear) -> nn.Linear:
     """A full-precision nn.Linear holding the dequantized base weight plus the active adapter's update."""
     base = layer.base
-    weight = base.dequantize(torch.float32)
-    if layer.active is not None:
-        weight += layer.adapters[layer.active].delta_weight().to(weight.device)
+    weight = scheme_of(base).dequantize(base)
+    weight += layer.adapters[layer.active].delta_weight().to(weight.device)
     return plain_linear(weight, base.bias, getattr(base, "weight_dtype", torch.float32))

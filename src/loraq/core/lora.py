@@ -9,8 +9,10 @@ float32, then cast), so a merged model costs nothing extra at inference; unmergi
 
 QA-LoRA (pool = L > 1): the input is mean-pooled over each group of L consecutive columns before A, which
 is (r, in/L). The update s·B·A·mean_g(x) equals x times a weight that is constant inside every group,
-s·(BA)[o, g]/L, so it merges exactly into an INT-k base's per-group offsets (`IntLinear.add_to_offsets`)
-when L is the base's group size; its full-width form (`delta_weight`) repeats each column L times.
+s·(BA)[o, g]/L, so it merges exactly into an INT-k base's per-group offsets when L is the base's group size;
+its full-width form (`delta_weight`) repeats each column L times.
+
+Which adapters merge exactly into which base, and how, is the base's scheme's answer (quant/schemes/).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraqError
+from ..quant.schemes import Scheme, scheme_of
 from .config import LoraConfig
+from .layers import layer_shape
 
 
 class LoraAdapter(nn.Module):
@@ -66,7 +70,7 @@ class LoraAdapter(nn.Module):
 
 
 class LoraLinear(nn.Module):
-    """A frozen linear layer (`nn.Linear` or a quantized one) with named adapters beside it.
+    """A frozen linear layer (`nn.Linear`, a GPT-2 `Conv1D`, or a quantized one) with named adapters beside it.
 
     At most one adapter is active (or merged) at a time.
     """
@@ -81,11 +85,11 @@ class LoraLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return layer_shape(self.base)[1]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return layer_shape(self.base)[0]
 
     def add_adapter(self, config: LoraConfig) -> LoraAdapter:
         name = config.adapter_name
@@ -111,37 +115,34 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the active adapter into the base weight (in float32, then cast back).
+        """Add the active adapter into the base, in the base's own format: into a full-precision weight (in
+        float32, then cast back), or a QA-LoRA adapter into an INT-k base's group offsets (codes untouched).
 
-        A QA-LoRA adapter on an INT-k base with its group size goes into the group offsets instead: the
-        base keeps its codes and its format. Other quantized bases cannot be merged in place.
+        Raises:
+            LoraqError: the base cannot take this adapter exactly (an NF4 base, or INT-k under a plain
+                LoRA); `loraq.merge(model)` dequantizes such a base instead.
         """
         if self.merged is not None or self.active is None:
             return
-        adapter = self.adapters[self.active]
-        if getattr(self.base, "group_size", None) == adapter.pool > 1:
-            self.base.add_to_offsets(adapter.group_delta())
-            self.merged = self.active
-            return
-        if not isinstance(self.base, nn.Linear):
-            raise LoraqError("a quantized base cannot be merged in place; use loraq.merge(model), which dequantizes")
-        w = self.base.weight
-        w.copy_((w.float() + self.adapters[self.active].delta_weight().to(w.device)).to(w.dtype))
+        self._scheme().merge(self.base, self.adapters[self.active])
         self.merged = self.active
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the merged adapter from the base weight again."""
+        """Subtract the merged adapter from the base again (exact up to the rounding of the stored values)."""
         if self.merged is None:
             return
-        adapter = self.adapters[self.merged]
-        if getattr(self.base, "group_size", None) == adapter.pool > 1:
-            self.base.add_to_offsets(-adapter.group_delta())  # exact up to the fp16 rounding of the offsets
-            self.merged = None
-            return
-        w = self.base.weight
-        w.copy_((w.float() - self.adapters[self.merged].delta_weight().to(w.device)).to(w.dtype))
+        self._scheme().merge(self.base, self.adapters[self.merged], sign=-1.0)
         self.merged = None
+
+    def merges_exactly(self) -> bool:
+        """Whether the active adapter merges into the base in place, keeping the base's format."""
+        return self.active is not None and self._scheme().merges_exactly(self.adapters[self.active].pool)
+
+    def _scheme(self) -> Scheme:
+        scheme = scheme_of(self.base)
+        assert scheme is not None, f"{type(self.base).__name__} is not a linear layer"
+        return scheme
 
     def extra_repr(self) -> str:
         ranks = {name: a.r if a.pool == 1 else f"{a.r} (pool {a.pool})" for name, a in self.adapters.items()}

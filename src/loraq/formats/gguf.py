@@ -1,5 +1,6 @@
-"""GGUF in and out for INT-k bases: read a llama GGUF's Q4_1 blocks as IntLinear layers (the file's own
-codes, no re-quantization) and write a model's IntLinear layers back as Q4_1 blocks in a copy of the file.
+"""GGUF in and out for INT-k bases: read a llama GGUF's Q4_1 blocks (the file's own codes, no
+re-quantization; quant/schemes/gguf.py makes layers of them) and write a model's INT4 g32 layers back as Q4_1
+blocks in a copy of the file.
 
 Q4_1 block (32 weights, 20 bytes): fp16 d, fp16 m, 16 bytes of codes; weight j (0..15) is the low nibble of
 byte j, weight j + 16 its high nibble; w = q·d + m. That is IntLinear's layout at 4 bits, group 32.
@@ -13,15 +14,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import LoraqError
-from ..quant.frozen import IntLinear, QuantizeLayer
-from ..quant.intk import quantize_rtn
+from ..quant.frozen import FrozenQuantized
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 _HF = {
@@ -105,50 +104,39 @@ def q4_1_encode(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.nda
     return torch.cat([d_bytes, m_bytes, qs], dim=-1).reshape(rows, -1).numpy()
 
 
-def gguf_int_layers(path: str | os.PathLike) -> QuantizeLayer:
-    """A `quantize_layer` function that takes each linear layer's INT4 g32 codes, d and m from the GGUF's
-    own Q4_1 blocks (un-permuting q/k rows). Layers stored in another type are re-quantized with RTN INT4
-    g32 from the loaded weights, with a note saying how many.
+class Q4_1Layers:
+    """The linear layers of a llama GGUF by Hugging Face module name, decoded on request: `get(name)` gives
+    (codes uint8 (out, in), d fp16 (out, in/32), m fp16) in Hugging Face row order for a Q4_1 tensor, the
+    tensor type's name for another type, None for a layer the file lacks.
 
     Raises:
         LoraqError: the file is unreadable or not a supported (llama) architecture.
     """
-    from gguf import GGMLQuantizationType
 
-    reader = open_gguf(path)
-    arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise LoraqError(
-            f"{path}: GGUF architecture {arch!r} is not supported for INT bases (supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
-    tensors = {hf_linear_name(t.name): t for t in reader.tensors if hf_linear_name(t.name)}
-    requantized: list[str] = []
-
-    def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> IntLinear:
-        t = tensors.get(name)
-        out_features, in_features = weight.shape
-        if t is not None and t.tensor_type == GGMLQuantizationType.Q4_1:
-            codes, d, m = q4_1_decode(t.data, in_features)
-            if codes.shape != weight.shape:
-                raise LoraqError(
-                    f"{path}: tensor {t.name} is {tuple(codes.shape)}, the model expects {tuple(weight.shape)}"
-                )
-            heads = _heads_for(reader, t.name)
-            if heads:
-                codes, d, m = (rows_from_gguf(x, heads) for x in (codes, d, m))
-            return IntLinear(codes, d, m, 4, bias)
-        requantized.append(f"{name} ({t.tensor_type.name if t is not None else 'absent'})")
-        if len(requantized) == 1:
-            print(
-                f"loraq: note: {path} stores {requantized[0]} not as Q4_1; such layers are dequantized and "
-                "re-quantized with RTN INT4 g32 (a second rounding)",
-                file=sys.stderr,
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.reader = open_gguf(self.path)
+        arch = _field(self.reader, "general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise LoraqError(
+                f"{self.path}: GGUF architecture {arch!r} is not supported for INT bases (supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)})"
             )
-        return IntLinear(*quantize_rtn(weight, 4, BLOCK), 4, bias)
+        self.tensors = {hf_linear_name(t.name): t for t in self.reader.tensors if hf_linear_name(t.name)}
 
-    make.requantized = requantized  # type: ignore[attr-defined]
-    return make
+    def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str | None:
+        from gguf import GGMLQuantizationType
+
+        t = self.tensors.get(name)
+        if t is None:
+            return None
+        if t.tensor_type != GGMLQuantizationType.Q4_1:
+            return t.tensor_type.name
+        codes, d, m = q4_1_decode(t.data, t.data.shape[1] // 20 * BLOCK)
+        heads = _heads_for(self.reader, t.name)
+        if heads:
+            codes, d, m = (rows_from_gguf(x, heads) for x in (codes, d, m))
+        return codes, d, m
 
 
 def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -159,22 +147,25 @@ def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.
     and renamed when complete.
 
     Raises:
-        LoraqError: a linear layer of the model is not a 4-bit, group-32 IntLinear, or the model does not
+        LoraqError: a linear layer of the model is not stored as INT4 g32, or the model does not
             match the file.
     """
     from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
+    from ..quant.schemes import scheme_of
+
     reader = open_gguf(source)
     out = Path(out)
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, IntLinear)}
+    modules = dict(model.named_modules())
     blocks = {}
     for t in reader.tensors:
         name = hf_linear_name(t.name)
         if name is None:
             continue
-        layer = layers.get(name)
-        if layer is None or layer.bits != 4 or layer.group_size != BLOCK:
-            kind = "missing" if layer is None else f"INT{layer.bits} g{layer.group_size}"
+        layer = modules.get(name)
+        scheme = scheme_of(layer) if layer is not None else None
+        if scheme is None or "gguf" not in scheme.exact_exports:
+            kind = "missing" if layer is None else scheme.describe() if scheme else type(layer).__name__
             raise LoraqError(
                 f"GGUF export writes Q4_1 (INT4, group 32), but layer {name} is {kind}; "
                 "train with --bits 4 --group-size 32 or export with --format gptq or hf"
@@ -184,6 +175,7 @@ def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.
         if heads:
             codes, d, m = (rows_to_gguf(x, heads) for x in (codes, d, m))
         blocks[t.name] = q4_1_encode(codes.cpu(), d.cpu(), m.cpu())
+    layers = [m for m in modules.values() if isinstance(m, FrozenQuantized)]
     if len(blocks) != len(layers):
         raise LoraqError(f"{source} has {len(blocks)} linear layers, the model {len(layers)}: not its source file")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -20,7 +20,9 @@ from torch import nn
 from ..atomic import atomic_folder
 from ..core.config import LoraConfig
 from ..core.inject import apply, linear_module_names, lora_layers
+from ..core.layers import is_conv1d, layer_shape
 from ..errors import LoraqError
+from ..quant.schemes import scheme_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -31,7 +33,6 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB]
 # Config fields whose non-default values change the math; loraq refuses them rather than load them wrong.
 _UNSUPPORTED = {
     "use_dora": (False, None),
-    "fan_in_fan_out": (False, None),
     "bias": ("none", None),
     "modules_to_save": (None, []),
     "rank_pattern": ({}, None),
@@ -89,7 +90,7 @@ def _peft_config(model: nn.Module, config: LoraConfig, layers: dict, name: str) 
         "lora_dropout": config.dropout,
         "target_modules": targets,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(is_conv1d(layer.base) for layer in layers.values()),  # GPT-2's Conv1D
         "use_rslora": config.use_rslora,
         "use_dora": False,
         "init_lora_weights": True if config.init == "kaiming" else "gaussian",
@@ -170,18 +171,20 @@ def _qalora_group_size(path: Path) -> int:
         return 1
 
 
-def _all_int_bases(model: nn.Module, pairs: dict, pool: int) -> bool:
-    """Whether every adapted layer is an INT-k layer quantized in groups of `pool` (then pool again)."""
-    from ..quant.frozen import IntLinear
-
-    bases = {name: getattr(model.get_submodule(name), "base", model.get_submodule(name)) for name in pairs}
-    for name, base in bases.items():
-        if isinstance(base, IntLinear) and base.group_size != pool:
+def _pooled_bases(model: nn.Module, pairs: dict, pool: int) -> bool:
+    """Whether every adapted layer's base takes adapters pooling `pool` columns exactly (then the adapter is
+    pooled again); a base quantized for another window is refused, a full-precision one takes it expanded."""
+    windows = {}
+    for name in pairs:
+        module = model.get_submodule(name)
+        windows[name] = scheme_of(getattr(module, "base", module)).pool_window
+    for name, window in windows.items():
+        if window is not None and window != pool:
             raise LoraqError(
                 f"this QA-LoRA adapter pools groups of {pool} columns, but layer {name} is quantized in groups of "
-                f"{base.group_size}; merge it into a base quantized with --group-size {pool}"
+                f"{window}; merge it into a base quantized with --group-size {pool}"
             )
-    return all(isinstance(base, IntLinear) for base in bases.values())
+    return all(window == pool for window in windows.values())
 
 
 def load_adapter(
@@ -222,8 +225,7 @@ def load_adapter(
         if set(ab) != {"A", "B"}:
             missing = ({"A", "B"} - set(ab)).pop()
             raise LoraqError(f"{path}: module {module_name!r} has no lora_{missing} weight")
-        layer = model.get_submodule(module_name)
-        out_features, in_features = layer.out_features, layer.in_features
+        out_features, in_features = layer_shape(model.get_submodule(module_name))
         (key_a, a), (key_b, b) = ab["A"], ab["B"]
         expected = {key_a: (config.r, in_features), key_b: (out_features, config.r)}
         for key, t in ((key_a, a), (key_b, b)):
@@ -234,7 +236,7 @@ def load_adapter(
                 )
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise LoraqError(f"{path}: {key!r} holds non-finite or non-float values")
-    if pool > 1 and _all_int_bases(model, pairs, pool):
+    if pool > 1 and _pooled_bases(model, pairs, pool):
         for ab in pairs.values():
             key_a, a = ab["A"]
             grouped = a.reshape(a.shape[0], -1, pool)

@@ -3,7 +3,6 @@ of their best validation losses."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -18,20 +17,21 @@ def compare_runs(runs: list[str | os.PathLike], chart: str | os.PathLike | None 
     Raises:
         LoraqError: a folder is not a finished run (no summary.json).
     """
+    from ..quant.schemes import scheme_for
+    from .run_folder import RunFolder
+
     rows = []
-    for run in runs:
-        path = Path(run)
-        try:
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise LoraqError(f"{path}: not a finished run folder (needs config.json and summary.json)") from None
+    for path in runs:
+        run = RunFolder(path)
+        if not (run.started and run.summary_path.is_file()):
+            raise LoraqError(f"{run.path}: not a finished run folder (needs config.json and summary.json)")
+        config, summary = run.read_config(), run.read_summary()
         seconds = summary.get("wall_seconds") or 0
+        scheme = scheme_for(config.lora)
         rows.append(
             {
-                "run": str(path),
-                "method": config.get("method", "lora")
-                + (f" int{config.get('bits')}" if config.get("method") == "qalora" else ""),
+                "run": str(run.path),
+                "method": config.method + (f" {scheme.storage}" if scheme.quantized else ""),
                 "steps": summary.get("steps"),
                 "best val loss": summary.get("best_val_loss"),
                 "minutes": round(seconds / 60, 2),

@@ -375,3 +375,35 @@ def ordered_batches(items: list[dict], batch_size: int, pad_id: int) -> Iterator
     """One pass in file order (for evaluation)."""
     for i in range(0, len(items), batch_size):
         yield collate(items[i : i + batch_size], pad_id)
+
+
+@dataclass
+class RunData:
+    """A run's data, encoded: training and validation items, the held-out test examples, and the counts."""
+
+    train: list[dict]
+    val: list[dict]
+    test: list[Example]
+    truncated: int
+    dropped: int
+
+
+def run_splits(data: str, data_format: str = "auto", val_data: str = "") -> Splits:
+    """A run's splits: with `val_data` all of `data` trains and `val_data` validates (and is the test set);
+    else `data` is split by group (80/10/10)."""
+    if val_data:
+        held_out = load_examples(val_data, data_format)
+        return Splits(load_examples(data, data_format), held_out, held_out)
+    return split_by_group(load_examples(data, data_format))
+
+
+def encode_run_data(config, tokenizer) -> RunData:
+    """Load, split and encode a run's data as its TrainConfig says (max_length, too_long, train_on_prompt):
+    the one place that decides what a run trains, validates and calibrates on."""
+    splits = run_splits(config.data, config.data_format, config.val_data)
+    options = dict(drop_long=config.too_long == "drop", train_on_prompt=config.train_on_prompt)
+    train, stats = encode_all(tokenizer, splits.train, config.max_length, **options)
+    val, val_stats = encode_all(tokenizer, splits.val or splits.test, config.max_length, **options)
+    return RunData(
+        train, val, splits.test or splits.val, stats.truncated + val_stats.truncated, stats.dropped + val_stats.dropped
+    )

@@ -14,10 +14,10 @@ import textwrap
 from pathlib import Path
 
 from ..atomic import atomic_write_text
+from .base import gguf_source
 from .data import load_examples, split_by_group
 from .export import merge_run
 from .generate import generate
-from .methods import gguf_source
 from .models import DEFAULT_MODEL, load_model
 from .train import TrainConfig, TrainResult, train
 

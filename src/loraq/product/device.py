@@ -15,8 +15,9 @@ from .train_config import TrainConfig
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    """The device and compute dtype a run uses, checked against what this machine has.
+def resolve_device(config: TrainConfig, rank: int = 0, world: int = 1) -> tuple[torch.device, torch.dtype]:
+    """The device and compute dtype a run uses, checked against what this machine has (under torchrun on
+    CUDA, each process its own GPU).
 
     Raises:
         LoraqError: CUDA asked for but absent, fp16 on a CPU, or bf16 on a CPU without bf16 support.
@@ -27,6 +28,8 @@ def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LoraqError(f"--device {config.device}: this machine has no CUDA device (torch {torch.__version__})")
     device = torch.device(name)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     dtype_name = config.compute_dtype
     if dtype_name == "auto":
         dtype_name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -69,7 +72,7 @@ def init_distributed(config: TrainConfig) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _all_reduce_gradients(params: list[nn.Parameter], step_loss: float, device: torch.device) -> float:
+def all_reduce_gradients(params: list[nn.Parameter], step_loss: float, device: torch.device) -> float:
     """Sum every adapter gradient and the loss over the processes: each process computed its rows' share of
     the token-weighted loss of the same global batch, so the sums are the single-process values."""
     import torch.distributed as dist

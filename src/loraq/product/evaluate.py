@@ -8,7 +8,6 @@ token but the first of each window is predicted.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -175,26 +174,27 @@ def evaluate_run(
         generations: greedy generations on that many test prompts, scored by BLEU and ROUGE-L.
     """
     from ..formats.peft import load_adapter
-    from .data import encode_all, load_examples, split_by_group
-    from .methods import rebuild_base
+    from .base import rebuild_base
+    from .data import encode_all, run_splits
     from .models import load_tokenizer
+    from .run_folder import RunFolder
     from .train import evaluate_loss
 
-    path = Path(run_or_model)
-    run_config = {}
-    if (path / "config.json").is_file() and (path / "adapter").is_dir():
-        run_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        model_name, adapter = run_config["model"], adapter or path / "adapter"
+    run = RunFolder(run_or_model)
+    config = run.read_config() if run.started and run.finished else None
+    if config is not None:
+        model_name, adapter = config.model, adapter or run.adapter_dir
+        splits = run_splits(data or config.data, config.data_format, "" if data else config.val_data)
     else:
-        model_name = str(run_or_model)
-    data = data or run_config.get("data")
-    splits = split_by_group(load_examples(data, run_config.get("data_format", "auto"))) if data else None
-    model, tokenizer = rebuild_base(model_name, run_config, load_tokenizer(model_name))
+        model_name, run = str(run_or_model), None
+        splits = run_splits(data) if data else None
+    max_length = config.max_length if config else 256
+    model, tokenizer = rebuild_base(run, model_name, load_tokenizer(model_name))
     if adapter:
         load_adapter(model, adapter)
     report = EvalReport(model_name, str(adapter) if adapter else None)
     if splits:
-        items, _ = encode_all(tokenizer, splits.val or splits.test, run_config.get("max_length", 256))
+        items, _ = encode_all(tokenizer, splits.val or splits.test, max_length)
         if items:
             report.val_loss = evaluate_loss(model, items, 16, tokenizer.pad_token_id)
             report.val_perplexity = math.exp(report.val_loss)

@@ -1,8 +1,9 @@
 """Merge a trained adapter into the base it was trained on and write the result in the format a runtime
 loads, measuring on validation prompts the error each rounding step adds.
 
-The base is rebuilt exactly as training built it (methods.prepare_base): for QLoRA the adapter is added to
-the *dequantized* NF4 weights (what training saw); for QA-LoRA it is folded into the INT-k group offsets,
+The base is rebuilt exactly as training built it (base.rebuild_base, from what the run folder recorded): for
+QLoRA the adapter is added to the *dequantized* NF4 weights (what training saw); for QA-LoRA it is folded into
+the INT-k group offsets,
 codes untouched, so the merged model is as large as the base and exact up to fp16 offsets (GGUF Q4_1 keeps
 that; GPTQ's integer zero points round it, and the report says by how much).
 """
@@ -19,16 +20,21 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_folder
-from ..core.inject import lora_layers, merge, unload
+from ..core.config import LoraConfig
+from ..core.inject import dequantize_base, lora_layers, merge, unload
+from ..core.layers import replace_module
 from ..errors import LoraqError
 from ..formats.checkpoint import write_quantized
 from ..formats.gguf import write_gguf
 from ..formats.gptq import gptq_tensors, int_layer_from_gptq, write_gptq
 from ..formats.peft import load_adapter, read_adapter_config, save_adapter
-from ..quant.frozen import IntLinear, dequantize_linears, int_layers, nf4_layers, quantize_linears, replace_module
-from .data import encode_all, load_examples, ordered_batches, split_by_group
-from .methods import gguf_source, method_of, rebuild_base
+from ..quant.frozen import IntLinear
+from ..quant.schemes import scheme_named
+from .base import gguf_source, method_scheme, rebuild_base
+from .data import encode_all, ordered_batches, run_splits
 from .models import load_tokenizer
+from .run_folder import resolve_run
+from .train_config import TrainConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMATS = ("hf", "gguf", "gptq", "peft")
@@ -60,20 +66,6 @@ class MergeReport:
         return text
 
 
-def resolve_run(run_or_adapter: str | os.PathLike) -> tuple[Path, dict]:
-    """The adapter folder and the run's training config ({} for a bare adapter folder)."""
-    path = Path(run_or_adapter)
-    if (path / "adapter" / "adapter_config.json").is_file():
-        try:
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise LoraqError(f"{path / 'config.json'}: cannot read the run's config ({e})") from None
-        return path / "adapter", config
-    if (path / "adapter_config.json").is_file():
-        return path, {}
-    raise LoraqError(f"{path}: neither a run folder (with adapter/) nor an adapter folder (with adapter_config.json)")
-
-
 def merge_run(
     run_or_adapter: str | os.PathLike,
     out: str | os.PathLike,
@@ -88,16 +80,16 @@ def merge_run(
     """Merge a run's adapter into the base it was trained on and write the result.
 
     Args:
-        run_or_adapter: a run folder written by `train` (its config names the model, method and data) or a
-            PEFT adapter folder (then `model` is needed, or the adapter's base_model_name_or_path is used).
+        run_or_adapter: a run folder written by `train` (it names the model, method and data) or a PEFT
+            adapter folder (then `model` is needed, or the adapter's base_model_name_or_path is used).
         out: where to write (atomically): a folder for hf/gptq/peft, a .gguf file for gguf.
-        format: "hf" (a 16-bit folder `AutoModelForCausalLM.from_pretrained` loads; with `requantize` nf4/fp4
-            a bitsandbytes-layout 4-bit folder), "gguf" (Q4_1; needs INT4 g32 layers and a GGUF source:
-            a qalora run on a GGUF model merges exactly), "gptq" (INT-k with integer zero points: rounds a
-            QA-LoRA merge), or "peft" (the adapter alone, QA-LoRA expanded to a plain LoRA).
+        format: "hf" (a 16-bit folder `AutoModelForCausalLM.from_pretrained` loads; with `requantize` a
+            quantized checkpoint: nf4/fp4 in the bitsandbytes layout, int-k loraq's), "gguf" (Q4_1; needs INT4
+            g32 layers and a GGUF source: a qalora run on a GGUF model merges exactly), "gptq" (INT-k with
+            integer zero points: rounds a QA-LoRA merge), or "peft" (the adapter alone, QA-LoRA expanded).
         dtype: "bf16", "fp16" or "fp32" for the hf format's weights.
         requantize: quantize the merged weights again: "nf4", "fp4" or "int2/3/4/8" (RTN, group 32). Lossy;
-            the error is reported. Not needed (and refused) after a QA-LoRA merge, which stays INT-k.
+            the error is reported. Refused where the merge keeps the base quantized (QA-LoRA): it is exact.
         data: validation data for the error report, overriding the run's ("e2e" by default).
         prompts: how many validation examples to measure on.
         allow_pickle: also read a legacy pickle adapter (adapter_model.bin). Pickle can run code.
@@ -116,30 +108,34 @@ def merge_run(
         problems.append(f"--prompts must be >= 1, got {prompts}")
     if problems:
         raise LoraqError("; ".join(problems))
-    adapter_dir, run_config = resolve_run(run_or_adapter)
+    adapter_dir, run = resolve_run(run_or_adapter)
     read_adapter_config(adapter_dir)  # checks the config before the (slow) model load
-    model_name = model or run_config.get("model") or _adapter_base_name(adapter_dir)
+    config = run.read_config() if run else None
+    model_name = model or (config.model if config else None) or _adapter_base_name(adapter_dir)
     if not model_name:
         raise LoraqError(f"{adapter_dir}: the base model is unknown; pass --model")
-    method = method_of(run_config)
-    if requantize and method.method == "qalora":
-        raise LoraqError("--requantize: a QA-LoRA merge is already INT-k and exact; export it without re-quantizing")
+    lora = config.lora if config else LoraConfig()
+    base_scheme = method_scheme(model_name, lora)
+    if requantize and base_scheme.quantized and base_scheme.merges_exactly(lora.pool):
+        raise LoraqError(
+            f"--requantize: this adapter merges exactly into its {base_scheme.describe()} base, which stays "
+            "quantized; export it without re-quantizing"
+        )
     if format == "gguf" and gguf_source(model_name) is None:
         raise LoraqError(
             f"--format gguf copies the source GGUF's metadata, but {model_name!r} was not loaded from a GGUF"
         )
-    data_name = data or run_config.get("data") or "e2e"
-    base, tokenizer = rebuild_base(model_name, run_config, load_tokenizer(model_name))
+    base, tokenizer = rebuild_base(run, model_name, load_tokenizer(model_name))
     load_adapter(base, adapter_dir, allow_pickle=allow_pickle)
     if not lora_layers(base):
         raise LoraqError(f"{adapter_dir}: the adapter attached to no layer of {model_name}")
-    batches = _validation_batches(tokenizer, data_name, prompts)
+    batches = _validation_batches(tokenizer, data, config, prompts)
     reference = _logits(base, batches)
     n_prompts = sum(len(b[0]) for b in batches)
     out = Path(out)
 
     if format == "peft":
-        plain = dequantize_linears(copy.deepcopy(unload(copy.deepcopy(base))))
+        plain = dequantize_base(copy.deepcopy(unload(copy.deepcopy(base))))
         with atomic_folder(out) as tmp:
             save_adapter(base, tmp)
             load_adapter(plain, tmp)
@@ -148,10 +144,7 @@ def merge_run(
 
     merged = merge(base)
     if requantize:
-        if requantize.startswith("int"):
-            quantize_linears(merged, int_layers(int(requantize[3:]), REQUANTIZE_GROUP))
-        else:
-            quantize_linears(merged, nf4_layers(quant_type=requantize))
+        scheme_named(requantize, REQUANTIZE_GROUP).quantize_model(merged)
     exact_error = None
     if format == "gguf":
         error = _mean_abs_delta(_logits(merged, batches), reference)
@@ -165,12 +158,12 @@ def merge_run(
         rounded = _gptq_rounded(merged)
         error = _mean_abs_delta(_logits(rounded, batches), reference)
         return MergeReport(out, format, dtype, requantize, n_prompts, error, exact_error, _size(out))
-    if requantize in ("nf4", "fp4"):
+    if requantize:
         error = _mean_abs_delta(_logits(merged, batches), reference)
         with atomic_folder(out) as tmp:
             write_quantized(merged, tokenizer, tmp)
         return MergeReport(out, format, dtype, requantize, n_prompts, error, None, _size(out))
-    written = dequantize_linears(merged).to(DTYPES[dtype])
+    written = dequantize_base(merged).to(DTYPES[dtype])
     error = _mean_abs_delta(_logits(written, batches), reference)
     with atomic_folder(out) as tmp:
         written.config.torch_dtype = DTYPES[dtype]
@@ -200,11 +193,19 @@ def _adapter_base_name(adapter_dir: Path) -> str | None:
     return raw.get("base_model_name_or_path")
 
 
-def _validation_batches(tokenizer, data: str, prompts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    splits = split_by_group(load_examples(data))
+def _validation_batches(
+    tokenizer, data: str | None, config: TrainConfig | None, prompts: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Validation prompts of `data`, else of the run's data (its --val-data where it had one), else E2E."""
+    if data:
+        splits = run_splits(data)
+    elif config is not None:
+        splits = run_splits(config.data, config.data_format, config.val_data)
+    else:
+        splits = run_splits("e2e")
     items, _ = encode_all(tokenizer, (splits.val or splits.test or splits.train)[:prompts], 256)
     if not items:
-        raise LoraqError(f"data {data!r}: no validation example to measure the merge on")
+        raise LoraqError(f"data {data or 'of the run'}: no validation example to measure the merge on")
     return [(b["input_ids"], b["attention_mask"]) for b in ordered_batches(items, 8, tokenizer.pad_token_id)]
 
 

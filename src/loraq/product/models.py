@@ -6,19 +6,30 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..atomic import atomic_folder
+from ..core.config import LoraConfig
+from ..core.layers import linear_weight, quantizable_linear_names, replace_module
 from ..errors import LoraqError
 from ..formats.checkpoint import is_quantized_folder, load_quantized, load_quantizing
-from ..quant.frozen import QuantizeLayer, quantize_linears
 from .fetch import SMOLLM2_GGUF, cache_dir, fetch
 
+QuantizeLayer = Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module]
+
 DEFAULT_MODEL = "smollm2-135m"
-_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its public id, which adapters name as their base
+_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default", DEFAULT_MODEL_ID.lower()}
+
+
+def is_default_model(name: str | os.PathLike) -> bool:
+    """Whether `name` names the embedded default model (its short names, or its public id: loraq has no network
+    at run time, so the id resolves to the embedded copy, the weights of its Q4_1 GGUF)."""
+    return str(name).lower() in _ALIASES
 
 
 def default_model_dir() -> Path:
@@ -36,7 +47,7 @@ def default_model_dir() -> Path:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config.name_or_path = DEFAULT_MODEL_ID
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(model.state_dict())
     with atomic_folder(folder) as tmp:
@@ -62,6 +73,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     quantize_layer: QuantizeLayer | None = None,
+    method: str | LoraConfig | None = None,
 ) -> tuple[nn.Module, object]:
     """Load a causal language model and its tokenizer.
 
@@ -71,9 +83,12 @@ def load_model(
             re-quantizing), a local .gguf file, or a hub id (needs network).
         dtype: parameter dtype (float32 by default, as CPU training wants).
         trust_remote_code: allow a hub model's own Python code to run. Off unless you ask.
-        quantize_layer: quantize every linear layer but the head while loading (`nf4_layers()`,
-            `int_layers(4, 32)`): from a local safetensors folder (the default model's included) layer by
-            layer, so the full-precision model is never whole in memory; from other sources after loading.
+        method: "lora", "qlora" or "qalora", or a LoraConfig (its method, bits, group size and quantizer):
+            load the base that method trains on, quantizing every linear layer but the head while loading
+            (from a local safetensors folder, the default model's included, layer by layer, so the
+            full-precision model is never whole in memory; from other sources after loading). QA-LoRA INT4
+            g32 on a Q4_1 GGUF takes the file's own codes. GPTQ needs calibration data: use `loraq.quantize`.
+        quantize_layer: instead of `method`, any function (name, weight (out, in), bias) -> frozen layer.
 
     Returns:
         (model, tokenizer), the model in eval mode; the tokenizer always has a pad token.
@@ -83,17 +98,45 @@ def load_model(
     """
     name = str(name_or_path)
     path = Path(name).expanduser()
-    if name.lower() in _ALIASES:
+    if is_default_model(name):
         path = default_model_dir()
+    if method is not None:
+        quantize_layer = _method_layers(name, method)
     if quantize_layer is not None and path.is_dir() and any(path.glob("*.safetensors")):
         if is_quantized_folder(path):
             raise LoraqError(f"model {name!r} is already quantized; load it without quantizing again")
         model = load_quantizing(path, quantize_layer, trust_remote_code)
-        return _finish(model, _load_tokenizer(path, trust_remote_code))
+        return _finish(model, _load_tokenizer(path, trust_remote_code), name)
     model, tokenizer = _load_any(name, path, dtype, trust_remote_code)
     if quantize_layer is not None:
-        quantize_linears(model, quantize_layer)
-    return _finish(model, tokenizer)
+        _quantize_loaded(model, quantize_layer)
+    return _finish(model, tokenizer, name)
+
+
+def _method_layers(name: str, method: str | LoraConfig) -> QuantizeLayer | None:
+    """The quantize-a-layer function of the base `method` trains on (None: plain LoRA keeps the model)."""
+    from .base import method_scheme
+
+    config = method if isinstance(method, LoraConfig) else LoraConfig(method=method)
+    scheme = method_scheme(name, config)
+    if config.method == "lora":
+        return None
+    if scheme.needs_calibration:
+        scheme.quantize_layer(name, None, None)  # raises: calibration data is needed
+    return scheme.quantize_layer
+
+
+def _quantize_loaded(model: nn.Module, quantize_layer: QuantizeLayer) -> None:
+    """Replace every linear layer but the head by `quantize_layer(name, weight, bias)`, one at a time."""
+    names = quantizable_linear_names(model)
+    if not names:
+        raise LoraqError("quantize: the model has no linear layers besides the output head")
+    for name in names:
+        layer = model.get_submodule(name)
+        bias = None if layer.bias is None else layer.bias.detach()
+        replace_module(model, name, quantize_layer(name, linear_weight(layer).detach(), bias))
+    for p in model.parameters():
+        p.requires_grad_(False)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_code: bool = False):
@@ -102,7 +145,7 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote
 
     name = str(name_or_path)
     path = Path(name).expanduser()
-    if name.lower() in _ALIASES:
+    if is_default_model(name):
         path = default_model_dir()
     try:
         if path.is_file() and path.suffix == ".gguf":
@@ -155,7 +198,9 @@ def _load_any(name: str, path: Path, dtype: torch.dtype, trust_remote_code: bool
     return model, tokenizer
 
 
-def _finish(model: nn.Module, tokenizer):
+def _finish(model: nn.Module, tokenizer, name: str):
+    if is_default_model(name):  # not the cache folder: adapters name their base by its public id
+        model.name_or_path = DEFAULT_MODEL_ID
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

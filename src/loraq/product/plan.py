@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..core.config import METHODS, LoraConfig
 from ..errors import LoraqError
+from ..quant.schemes import scheme_for
 
 RUNTIME_BYTES = 420 * 2**20  # Python, torch and transformers loaded, before any tensor of the model
 ALLOCATOR_SLACK = 1.10  # freed-but-not-returned memory of the C allocator
 BLOCK_FLOATS_PER_HIDDEN = 14  # saved activations per token per block, in units of the hidden size ...
 BLOCK_FLOATS_PER_FFN = 5  # ... and of the MLP size
-NF4_BITS = 4.127
 
 
 @dataclass
@@ -67,18 +68,16 @@ def plan_memory(
     kv = getattr(config, "num_key_value_heads", heads) * (getattr(config, "head_dim", None) or h // heads)
     vocab = config.vocab_size
     shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]  # (in, out) of the 7 projections
-    linear = layers * sum(i * o for i, o in shapes)
     embedding = vocab * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
-    if method == "lora":
-        weights = 4 * (linear + embedding)
-    elif method == "qlora":
-        weights = int(linear * NF4_BITS / 8) + 4 * embedding
-    elif method == "qalora":
-        weights = int(linear * (bits / 8 + 4 / group_size)) + 4 * embedding
-    else:
-        raise LoraqError(f"--method must be lora, qlora or qalora, got {method!r}")
-    pool = group_size if method == "qalora" else 1
-    trainable = layers * sum(rank * (i // pool + o) for i, o in shapes)
+    if method not in METHODS:
+        raise LoraqError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    try:
+        lora = LoraConfig(r=rank, method=method, bits=bits, group_size=group_size)
+    except LoraqError as e:
+        raise LoraqError(str(e).removeprefix("invalid LoRA config: ")) from None
+    scheme = scheme_for(lora)
+    weights = layers * int(sum(i * o * scheme.bits_per_param(i) / 8 for i, o in shapes)) + 4 * embedding
+    trainable = layers * sum(rank * (i // lora.pool + o) for i, o in shapes)
     tokens = batch_size * seq_len
     per_block = tokens * (BLOCK_FLOATS_PER_HIDDEN * h + BLOCK_FLOATS_PER_FFN * f) * compute_bytes
     # with checkpointing: each block's input, plus one block's activations while it is recomputed
@@ -92,11 +91,11 @@ def _config(model: str):
 
     from transformers import AutoConfig
 
-    from .models import _ALIASES, default_model_dir
+    from .models import default_model_dir, is_default_model
 
     path = Path(model).expanduser()
     try:
-        if model.lower() in _ALIASES:
+        if is_default_model(model):
             return AutoConfig.from_pretrained(default_model_dir(), local_files_only=True)
         if path.is_file() and path.suffix == ".gguf":
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)

@@ -1,9 +1,10 @@
 """The training loop: AdamW on the adapter only, warmup then a schedule, clipping, accumulation, evaluation,
 checkpoints and resuming, data parallel under torchrun.
 
-A run folder holds `config.json` (the resolved options), `metrics.jsonl` (one JSON object per step and per
-evaluation), `tensorboard/`, `checkpoints/`, and at the end `adapter/` (PEFT format), `loss.png` and
-`summary.json`, each written atomically. The options live in train_config.py, the device in device.py.
+`train` reads top to bottom as named steps: check the run folder, pick the device, encode the data, build
+the base the method names and attach the adapter, record the run, restore or start, then the loop (step,
+log, validate, checkpoint) and the finish. The run folder's files are described in run_folder.py, the options
+in train_config.py, the device in device.py.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
+import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,21 +29,14 @@ from ..atomic import atomic_write_text
 from ..core.inject import apply, parameter_summary
 from ..errors import LoraqError
 from ..formats.peft import save_adapter
-from .data import (
-    IGNORE_INDEX,
-    Splits,
-    encode_all,
-    load_examples,
-    ordered_batches,
-    pack,
-    shuffled_batches,
-    split_by_group,
-)
-from .device import _all_reduce_gradients, autocast, init_distributed, resolve_device
-from .methods import prepare_base
+from ..quant import workspace
+from .base import CALIBRATION_EXAMPLES, build_base, method_scheme
+from .data import IGNORE_INDEX, RunData, encode_run_data, ordered_batches, pack, shuffled_batches
+from .device import all_reduce_gradients, autocast, init_distributed, resolve_device
 from .models import load_tokenizer
 from .report import write_report
 from .resume import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
+from .run_folder import DataRecord, RunFolder
 from .tensorboard import EventWriter
 from .train_config import TrainConfig, read_config_file  # noqa: F401 (re-exported)
 
@@ -62,6 +57,242 @@ class TrainResult:
 
 # Options that may change between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "eval_batch_size"}
+
+
+def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
+    """Fine-tune `config.model` on `config.data` with LoRA and write the run folder `config.out`.
+
+    The run folder gets config.json, data.json, metrics.jsonl, a checkpoint every `save_every` steps (the
+    last two are kept), and at the end adapter/ (PEFT format), loss.png and summary.json. Ctrl-C (SIGINT)
+    finishes the current step, writes a checkpoint and returns with `stopped_at` set; `resume=True` continues
+    from the last checkpoint with the same per-step losses as an uninterrupted run.
+
+    Args:
+        config: the run's options.
+        model, tokenizer: an already loaded model to train instead of loading `config.model`.
+        progress: show a progress bar.
+
+    Raises:
+        LoraqError: bad data or options, a run folder that holds a finished run (without `overwrite`) or an
+            incompatible one (with `resume`): before any training step. A NaN or infinite loss: the run
+            stops, the last good checkpoint stays.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    run = RunFolder(config.out)
+    rank, world = init_distributed(config)
+    writer = rank == 0  # with several processes only rank 0 writes the run folder
+    check_run_folder(run, config)
+    device, dtype = resolve_device(config, rank, world)
+    tokenizer = tokenizer or load_tokenizer(config.model)
+    data = _encode_data(config, tokenizer)
+    model = _build_model(config, data, model, tokenizer, device, writer, world, run)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    log = _MetricsLog(run, writer)
+    batches = _batches(config, data, tokenizer.pad_token_id, writer)
+
+    def validate() -> float:
+        return evaluate_loss(model, data.val, config.eval_batch_size, tokenizer.pad_token_id, device, dtype)
+
+    with workspace.attached(model), _StopOnSigint() as stop:
+        first, val_before = _restore_or_start(
+            config, run, model, optimizer, batches, log, validate, bool(data.val), writer
+        )
+        val_after, losses, stopped_at = val_before, [], None
+        model.train()
+        bar = tqdm(range(first, config.steps), desc="train", disable=not (progress and writer), dynamic_ncols=True,
+                   initial=first, total=config.steps)  # fmt: skip
+        for step in bar:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(config.grad_accum)]
+            loss = _forward_backward(model, micro, rank, world, device, dtype, config, step)
+            if world > 1:
+                loss = all_reduce_gradients(params, loss, device)
+            _stop_unless_finite(loss, step, run)
+            record = _optimizer_step(params, optimizer, config, step, loss, micro, t0)
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tok_s']:.0f}")
+            done = step + 1 == config.steps
+            if data.val and ((config.eval_every and (step + 1) % config.eval_every == 0) or done):
+                val_after = record["val_loss"] = validate()
+                model.train()
+                bar.write(f"step {step + 1}: val_loss {val_after:.4f}")
+            log(record)
+            if writer and ((config.save_every and (step + 1) % config.save_every == 0) or done or stop.requested):
+                _checkpoint(run, step + 1, model, optimizer)
+            if stop.requested and not done:
+                stopped_at = step + 1
+                bar.write(f"loraq: interrupted; checkpoint of step {step + 1} written; continue with --resume")
+                break
+        bar.close()
+    model.eval()
+    seconds = time.perf_counter() - start
+    if stopped_at is None and writer:
+        save_adapter(model, run.adapter_dir)
+        write_report(run.path, seconds)
+    if world > 1:
+        torch.distributed.barrier()
+    return TrainResult(
+        model, tokenizer, run.path, val_before, val_after, losses, seconds, data.dropped, data.truncated, stopped_at
+    )
+
+
+def _encode_data(config: TrainConfig, tokenizer) -> RunData:
+    data = encode_run_data(config, tokenizer)
+    if not data.train:
+        raise LoraqError(f"data (--data): no training example fits --max-length {config.max_length}")
+    if data.dropped or data.truncated:
+        print(
+            f"loraq: --max-length {config.max_length}: {data.truncated} examples truncated, {data.dropped} dropped "
+            "(prompt alone too long, or --too-long drop)"
+        )
+    return data
+
+
+def _build_model(
+    config: TrainConfig,
+    data: RunData,
+    model: nn.Module | None,
+    tokenizer,
+    device: torch.device,
+    writer: bool,
+    world: int,
+    run: RunFolder,
+) -> nn.Module:
+    """The base the method names, on the device, with the adapter attached; recorded in the run folder."""
+    calibration = (
+        data.train[:CALIBRATION_EXAMPLES] if method_scheme(config.model, config.lora).needs_calibration else None
+    )
+    model, _, quant_errors = build_base(
+        config.model, config.lora, calibration, tokenizer.pad_token_id, model, tokenizer
+    )
+    model.to(device)
+    apply(model, config.lora)
+    if config.grad_checkpoint:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise LoraqError(f"--grad-checkpoint: {type(model).__name__} does not support gradient checkpointing")
+        # Non-reentrant checkpointing needs no input that requires grad, so the frozen embedding can stay frozen.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if writer:
+        print(f"loraq: {parameter_summary(model)}" + (f" on {world} processes" if world > 1 else ""))
+        run.write_config(config)
+        record = DataRecord(len(data.train), len(data.val), data.truncated, data.dropped, len(calibration or []))
+        run.write_data(record, calibration)
+        if quant_errors:
+            report = json.dumps({"relative_error": quant_errors}, indent=1) + "\n"
+            atomic_write_text(run.path / "quantization.json", report)
+    return model
+
+
+def _batches(config: TrainConfig, data: RunData, pad_id: int, writer: bool) -> Iterator[dict[str, torch.Tensor]]:
+    items = data.train
+    if config.packing:
+        items = pack(items, config.max_length, config.seed)
+        if writer:
+            print(f"loraq: packed {len(data.train)} examples into {len(items)} sequences of {config.max_length} tokens")
+    return shuffled_batches(items, config.batch_size, pad_id, config.seed)
+
+
+def _restore_or_start(
+    config: TrainConfig, run: RunFolder, model, optimizer, batches, log, validate, has_val: bool, writer: bool
+) -> tuple[int, float]:
+    """Resume from the last checkpoint (skipping the batches it trained on), or measure the start; return the
+    first step to run and the validation loss before training."""
+    checkpoint = latest_checkpoint(run.path) if config.resume else None
+    if checkpoint is None:
+        if writer:
+            run.metrics_path.unlink(missing_ok=True)
+        val_before = validate() if has_val else float("nan")
+        log({"step": 0, "val_loss": val_before})
+        return 0, val_before
+    first = load_checkpoint(checkpoint, model, optimizer)
+    for _ in range(first * config.grad_accum):
+        next(batches)
+    if writer:
+        truncate_metrics(run.metrics_path, first)
+    print(f"loraq: resuming {run.path} from step {first}")
+    return first, _first_val_loss(run.metrics_path)
+
+
+def _forward_backward(model, micro, rank: int, world: int, device, dtype, config: TrainConfig, step: int) -> float:
+    """Accumulate the gradients of one optimizer step's micro-batches (this process's rows of each); return
+    the step's token-weighted loss. Out of memory ends the run with what to do about it."""
+    n_total = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), 1)
+    step_loss = 0.0
+    try:
+        for batch in micro:
+            shard = {k: v[rank::world] for k, v in batch.items()}
+            if len(shard["input_ids"]) == 0:
+                continue
+            with autocast(device, dtype):
+                loss, _ = loss_sum(model, _to(shard, device))
+            (loss / n_total).backward()
+            step_loss += float(loss.detach()) / n_total
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e):
+            raise
+        raise LoraqError(
+            f"out of memory at step {step + 1} (batch {config.batch_size} x up to {config.max_length} tokens, "
+            f"{config.method}): run `loraq plan` to size it, or use a smaller --batch-size with --grad-accum, "
+            "--grad-checkpoint, a shorter --max-length, or --method qlora/qalora"
+        ) from None
+    return step_loss
+
+
+def _stop_unless_finite(loss: float, step: int, run: RunFolder) -> None:
+    if math.isfinite(loss):
+        return
+    last = latest_checkpoint(run.path)
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    raise LoraqError(
+        f"the training loss became {loss} at step {step + 1}; training stopped and {where}. "
+        "Try a lower --lr, a smaller --max-grad-norm, or --compute-dtype fp32"
+    )
+
+
+def _optimizer_step(params, optimizer, config: TrainConfig, step: int, loss: float, micro, t0: float) -> dict:
+    """Clip, set the scheduled learning rate, step AdamW; return the step's metrics record."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+    lr = lr_at(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    tok_s = tokens / (time.perf_counter() - t0)
+    return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tok_s": tok_s}
+
+
+def _checkpoint(run: RunFolder, step: int, model, optimizer) -> None:
+    try:
+        save_checkpoint(run.path, step, model, optimizer)
+    except OSError as e:
+        last = latest_checkpoint(run.path)
+        kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint exists"
+        raise LoraqError(f"could not write the checkpoint of step {step} ({e.strerror or e}); {kept}") from None
+
+
+class _MetricsLog:
+    """metrics.jsonl and TensorBoard events, written by rank 0 only."""
+
+    def __init__(self, run: RunFolder, writer: bool):
+        self.run, self.writer = run, writer
+        self.events = EventWriter(run.tensorboard_dir) if writer else None
+
+    def __call__(self, record: dict) -> None:
+        if not self.writer:
+            return
+        with open(self.run.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        scalars = {f"train/{k}": v for k, v in record.items() if k in ("loss", "lr", "grad_norm", "tok_s")}
+        if "val_loss" in record:
+            scalars["eval/loss"] = record["val_loss"]
+        self.events.scalars(record["step"], scalars)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -132,232 +363,33 @@ def evaluate_loss(
     return total / max(count, 1)
 
 
-def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
-    """Fine-tune `config.model` on `config.data` with LoRA and write the run folder `config.out`.
-
-    The run folder gets config.json, metrics.jsonl, a checkpoint every `save_every` steps (the last two are
-    kept), and at the end adapter/ (PEFT format), loss.png and summary.json. Ctrl-C (SIGINT) finishes the
-    current step, writes a checkpoint and returns with `stopped_at` set; `resume=True` continues from the
-    last checkpoint with the same per-step losses as an uninterrupted run.
-
-    Args:
-        config: the run's options.
-        model, tokenizer: an already loaded model to train instead of loading `config.model`.
-        progress: show a progress bar.
-
-    Raises:
-        LoraqError: bad data or options, a run folder that holds a finished run (without `overwrite`) or an
-            incompatible one (with `resume`): before any training step. A NaN or infinite loss: the run
-            stops, the last good checkpoint stays.
-    """
-    start = time.perf_counter()
-    torch.manual_seed(config.seed)
-    out = Path(config.out)
-    rank, world = init_distributed(config)
-    writer = rank == 0  # with several processes only rank 0 writes the run folder
-    progress = progress and writer
-    check_run_folder(out, config)
-    device, dtype = resolve_device(config)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    if tokenizer is None:
-        tokenizer = load_tokenizer(config.model)
-    if config.val_data:  # all of --data trains; --val-data validates
-        examples = load_examples(config.data, config.data_format)
-        splits = Splits(examples, load_examples(config.val_data, config.data_format), [])
-    else:
-        splits = split_by_group(load_examples(config.data, config.data_format))
-    encode_options = dict(drop_long=config.too_long == "drop", train_on_prompt=config.train_on_prompt)
-    train_items, stats = encode_all(tokenizer, splits.train, config.max_length, **encode_options)
-    val_items, val_stats = encode_all(tokenizer, splits.val or splits.test, config.max_length, **encode_options)
-    if not train_items:
-        raise LoraqError(f"data (--data): no training example fits --max-length {config.max_length}")
-    if stats.dropped + val_stats.dropped or stats.truncated + val_stats.truncated:
-        print(
-            f"loraq: --max-length {config.max_length}: {stats.truncated + val_stats.truncated} examples truncated, "
-            f"{stats.dropped + val_stats.dropped} dropped (prompt alone too long, or --too-long drop)"
-        )
-    pad_id = tokenizer.pad_token_id
-
-    model, tokenizer, quant_errors = prepare_base(config.model, config.lora, train_items, pad_id, model, tokenizer)
-    model.to(device)
-    apply(model, config.lora)
-    if config.grad_checkpoint:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise LoraqError(f"--grad-checkpoint: {type(model).__name__} does not support gradient checkpointing")
-        # Non-reentrant checkpointing needs no input that requires grad, so the frozen embedding can stay frozen.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if writer:
-        print(f"loraq: {parameter_summary(model)}" + (f" on {world} processes" if world > 1 else ""))
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-        if quant_errors:
-            report = json.dumps({"relative_error": quant_errors}, indent=1) + "\n"
-            atomic_write_text(out / "quantization.json", report)
-    metrics_path = out / "metrics.jsonl"
-
-    events = EventWriter(out / "tensorboard") if writer else None
-
-    def log(record: dict) -> None:
-        if writer:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            scalars = {f"train/{k}": v for k, v in record.items() if k in ("loss", "lr", "grad_norm", "tok_s")}
-            if "val_loss" in record:
-                scalars["eval/loss"] = record["val_loss"]
-            events.scalars(record["step"], scalars)
-
-    def validate() -> float:
-        return evaluate_loss(model, val_items, config.eval_batch_size, pad_id, device, dtype)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.packing:
-        before = len(train_items)
-        train_items = pack(train_items, config.max_length, config.seed)
-        if writer:
-            print(
-                f"loraq: packed {before} examples into {len(train_items)} sequences of up to {config.max_length} tokens"
-            )
-    batches = shuffled_batches(train_items, config.batch_size, pad_id, config.seed)
-    first = 0
-    checkpoint = latest_checkpoint(out) if config.resume else None
-    if checkpoint is not None:
-        first = load_checkpoint(checkpoint, model, optimizer)
-        for _ in range(first * config.grad_accum):  # the batches the run already trained on
-            next(batches)
-        if writer:
-            truncate_metrics(metrics_path, first)
-        val_before = _first_val_loss(metrics_path)
-        print(f"loraq: resuming {out} from step {first}")
-    else:
-        if writer:
-            metrics_path.unlink(missing_ok=True)
-        val_before = validate() if val_items else float("nan")
-        log({"step": 0, "val_loss": val_before})
-
-    model.train()
-    train_losses: list[float] = []
-    val_after = val_before
-    stop = _StopOnSigint()
-    bar = tqdm(range(first, config.steps), desc="train", disable=not progress, dynamic_ncols=True, initial=first,
-               total=config.steps)  # fmt: skip
-    stopped_at = None
-    with stop:
-        for step in bar:
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(config.grad_accum)]
-            n_total = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), 1)
-            step_loss = 0.0
-            try:
-                for batch in micro:
-                    shard = {k: v[rank::world] for k, v in batch.items()}  # each process its rows of the batch
-                    if len(shard["input_ids"]) == 0:
-                        continue
-                    with autocast(device, dtype):
-                        loss, _ = loss_sum(model, _to(shard, device))
-                    (loss / n_total).backward()
-                    step_loss += float(loss.detach()) / n_total
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not _is_out_of_memory(e):
-                    raise
-                raise LoraqError(
-                    f"out of memory at step {step + 1} (batch {config.batch_size} x up to {config.max_length} tokens, "
-                    f"{config.method}): run `loraq plan` to size it, or use a smaller --batch-size with --grad-accum, "
-                    "--grad-checkpoint, a shorter --max-length, or --method qlora/qalora"
-                ) from None
-            if world > 1:
-                step_loss = _all_reduce_gradients(params, step_loss, device)
-            if not math.isfinite(step_loss):
-                last = latest_checkpoint(out)
-                where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-                raise LoraqError(
-                    f"the training loss became {step_loss} at step {step + 1}; training stopped and {where}. "
-                    "Try a lower --lr, a smaller --max-grad-norm, or --compute-dtype fp32"
-                )
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-            tok_s = tokens / (time.perf_counter() - t0)
-            train_losses.append(step_loss)
-            record = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
-            record["tok_s"] = tok_s
-            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-            done = step + 1 == config.steps
-            if val_items and ((config.eval_every and (step + 1) % config.eval_every == 0) or done):
-                val_after = validate()
-                model.train()
-                record["val_loss"] = val_after
-                bar.write(f"step {step + 1}: val_loss {val_after:.4f}")
-            log(record)
-            if writer and ((config.save_every and (step + 1) % config.save_every == 0) or done or stop.requested):
-                try:
-                    save_checkpoint(out, step + 1, model, optimizer)
-                except OSError as e:
-                    last = latest_checkpoint(out)
-                    kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint exists"
-                    raise LoraqError(
-                        f"could not write the checkpoint of step {step + 1} ({e.strerror or e}); {kept}"
-                    ) from None
-            if stop.requested and not done:
-                stopped_at = step + 1
-                bar.write(f"loraq: interrupted; checkpoint of step {step + 1} written; continue with --resume")
-                break
-    bar.close()
-    model.eval()
-    seconds = time.perf_counter() - start
-    if stopped_at is None and writer:
-        save_adapter(model, out / "adapter")
-        write_report(out, seconds)
-    if world > 1:
-        torch.distributed.barrier()
-    return TrainResult(
-        model, tokenizer, out, val_before, val_after, train_losses, seconds, stats.dropped, stats.truncated, stopped_at
-    )
-
-
 def _is_out_of_memory(error: BaseException) -> bool:
     text = str(error).lower()
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
-def check_run_folder(out: Path, config: TrainConfig) -> None:
+def check_run_folder(run: RunFolder, config: TrainConfig) -> None:
     """Refuse to overwrite a finished run (without --overwrite) or to resume an incompatible one."""
-    saved_path = out / "config.json"
     if config.resume:
-        if not saved_path.is_file():
-            raise LoraqError(f"--resume: {out} holds no run to resume (no config.json)")
-        try:
-            saved = json.loads(saved_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise LoraqError(f"--resume: {saved_path} cannot be read ({e})") from None
-        current = config.to_dict()
-        changed = sorted(
-            k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
-        )
+        if not run.started:
+            raise LoraqError(f"--resume: {run.path} holds no run to resume (no config.json)")
+        saved, current = run.read_config().to_dict(), config.to_dict()
+        changed = sorted(k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != current[k])
         if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
             raise LoraqError(
-                f"--resume: the options differ from the run in {out} ({details}); resume with the same options"
+                f"--resume: the options differ from the run in {run.path} ({details}); resume with the same options"
             )
-        if latest_checkpoint(out) is None:
-            raise LoraqError(f"--resume: {out} has no checkpoint yet; start it again without --resume")
+        if latest_checkpoint(run.path) is None:
+            raise LoraqError(f"--resume: {run.path} has no checkpoint yet; start it again without --resume")
         return
-    if (out / "adapter").exists() and not config.overwrite:
-        raise LoraqError(f"{out} already holds a finished run; pass --overwrite to replace it, or choose another --out")
+    if run.finished and not config.overwrite:
+        raise LoraqError(
+            f"{run.path} already holds a finished run; pass --overwrite to replace it, or choose another --out"
+        )
     if config.overwrite:
-        import shutil
-
-        for stale in ("checkpoints", "tensorboard"):  # the replaced run's; the rest is rewritten
-            shutil.rmtree(out / stale, ignore_errors=True)
+        for stale in (run.checkpoints_dir, run.tensorboard_dir):  # the replaced run's; the rest is rewritten
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _first_val_loss(metrics_path: Path) -> float:

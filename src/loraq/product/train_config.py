@@ -44,7 +44,11 @@ class TrainConfig:
     use_rslora: bool = _opt(False, "rank-stabilised scaling alpha/sqrt(rank)")
     bits: int = _opt(4, "qalora: bits of the INT-k base (2, 3, 4 or 8)")
     group_size: int = _opt(32, "qalora: quantization group size = the adapter's pooling window")
-    quantizer: str = _opt("rtn", "qalora: rtn (round to nearest; a Q4_1 GGUF's own codes at 4 bits, g32) or gptq")
+    quantizer: str = _opt(
+        "auto",
+        "auto (the method's default), qlora: nf4 or fp4; qalora: rtn (round to nearest; a Q4_1 GGUF's own codes "
+        "at 4 bits, g32) or gptq (calibrated on 256 training examples)",
+    )
     steps: int = _opt(100, "optimizer steps")
     batch_size: int = _opt(8, "examples per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")

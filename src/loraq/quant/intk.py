@@ -1,4 +1,4 @@
-"""Group-wise asymmetric INT-k quantization (k = 2, 3, 4, 8): round-to-nearest and GPTQ.
+"""Group-wise asymmetric INT-k quantization (k = 2, 3, 4, 8): round-to-nearest, bit packing, dequantization.
 
 Each output row is cut into groups of `group_size` consecutive input columns; a group stores a scale and an
 offset (its minimum), both fp16, and k-bit codes q in [0, 2^k - 1] with w ≈ q·scale + offset. This is
@@ -6,9 +6,8 @@ GGUF Q4_1's layout at k=4, group 32 (d = scale, m = offset), and the round-to-ne
 llama.cpp's Q4_1 quantizer: min and max per group, scale = (max - min)/(2^k - 1), q = floor((w - min)/scale
 + 0.5) clamped, computed in fp32 from the unrounded min and scale, which are then stored as fp16.
 
-GPTQ (Frantar et al. 2022) quantizes the columns of a row one at a time and spreads each column's rounding
-error over the columns not yet quantized, weighted by the inverse Hessian H = 2·XᵀX of the layer's
-calibration inputs; groups are contiguous and taken in order (no act-order), so the QA-LoRA merge holds.
+Every tensor is made on the input's device, so quantizing runs where the weight is (CPU or CUDA). GPTQ, the
+calibrated alternative to round-to-nearest, is in gptq.py.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from functools import cache
 
 import torch
 
-from .scratch import cast, lookup, word_table
+from .workspace import Workspace, cast, lookup, word_table
 
 BITS = (2, 3, 4, 8)
 
@@ -51,76 +50,24 @@ def dequantize_int(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tenso
     return w.reshape(out_features, in_features).to(dtype)
 
 
-def quantize_gptq(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    bits: int,
-    group_size: int,
-    damp: float = 0.01,
-    block: int = 128,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ INT-k with contiguous groups and no act-order; the same outputs as `quantize_rtn`.
-
-    Args:
-        hessian: (in, in), the sum of xᵀx over the layer's calibration inputs (any positive multiple works).
-        damp: added to the diagonal, as a fraction of its mean, to keep H invertible.
-    """
-    out_features, in_features = weight.shape
-    check_bits_and_group(bits, group_size, in_features)
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    dead = torch.diag(h) == 0  # columns whose input is always zero: their weights do not matter
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += torch.eye(in_features) * damp * torch.mean(torch.diag(h))
-    # The upper Cholesky factor of H^-1 gives each column's error-propagation row in one go.
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    qmax = 2**bits - 1
-    codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
-    groups = in_features // group_size
-    scale = torch.zeros(out_features, groups)
-    low = torch.zeros(out_features, groups)
-    for start in range(0, in_features, block):
-        end = min(start + block, in_features)
-        w_block = w[:, start:end].clone()
-        err_block = torch.zeros_like(w_block)
-        h_block = h_inv[start:end, start:end]
-        for i in range(end - start):
-            col = start + i
-            g = col // group_size
-            if col % group_size == 0:  # the group's range, from the weights as updated by earlier blocks
-                span = w[:, col : col + group_size]
-                lo, hi = span.amin(dim=1), span.amax(dim=1)
-                scale[:, g], low[:, g] = (hi - lo) / qmax, lo
-            inverse = torch.where(scale[:, g] > 0, 1.0 / scale[:, g], torch.zeros_like(scale[:, g]))
-            q = torch.floor((w_block[:, i] - low[:, g]) * inverse + 0.5).clamp_(0, qmax)
-            codes[:, col] = q.to(torch.uint8)
-            quantized = q * scale[:, g].half().float() + low[:, g].half().float()
-            err = (w_block[:, i] - quantized) / h_block[i, i]
-            w_block[:, i:] -= err.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
-            err_block[:, i] = err
-        w[:, end:] -= err_block @ h_inv[start:end, end:]
-    return codes, scale.half(), low.half()
-
-
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """k-bit codes (any shape, values < 2^k) as a little-endian bit stream in uint8 (8 codes per k bytes)."""
     flat = codes.reshape(-1).to(torch.int64)
     pad = (-flat.numel()) % 8
     flat = torch.nn.functional.pad(flat, (0, pad)).view(-1, 8)
-    word = torch.zeros(flat.shape[0], dtype=torch.int64)
+    word = torch.zeros(flat.shape[0], dtype=torch.int64, device=flat.device)
     for j in range(8):
         word |= flat[:, j] << (bits * j)
-    shifts = torch.arange(bits, dtype=torch.int64) * 8
+    shifts = torch.arange(bits, dtype=torch.int64, device=flat.device) * 8
     return ((word.unsqueeze(1) >> shifts) & 255).to(torch.uint8).reshape(-1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of `pack_codes`: the first `numel` codes, uint8."""
     chunks = packed.reshape(-1, bits).to(torch.int64)
-    shifts = torch.arange(bits, dtype=torch.int64) * 8
+    shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
     word = (chunks << shifts).sum(dim=1)  # disjoint bit ranges: the sum is the bitwise or
-    parts = torch.arange(8, dtype=torch.int64) * bits
+    parts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
     return ((word.unsqueeze(1) >> parts) & (2**bits - 1)).to(torch.uint8).reshape(-1)[:numel]
 
 
@@ -130,24 +77,24 @@ def dequantize_packed(
     scale: torch.Tensor,
     offset: torch.Tensor,
     dtype=torch.float32,
-    reuse_buffers: bool = False,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """`dequantize_int(unpack_codes(packed), scale, offset)` without materialising the codes: at 2, 4 and
     8 bits the packed bytes index a table of code values directly (two bytes at a time at 4 bits).
-    With `reuse_buffers` (frozen matmuls only) the result is a view of a shared work buffer."""
+    With a `workspace` (frozen matmuls only) the result is a view of one of its buffers."""
     out_features, groups = scale.shape
     numel = packed.numel() * 8 // bits
     group_size = numel // (out_features * groups)
     device = packed.device
     if bits in (2, 4):
-        values = lookup(packed, _code_table(bits, 1, device), _code_table(bits, 2, device), reuse_buffers)
+        values = lookup(packed, _code_table(bits, 1, device), _code_table(bits, 2, device), workspace)
     elif bits == 8:
         values = packed.reshape(-1).float()
     else:
         values = unpack_codes(packed, bits, numel).float()
     w = values[: out_features * groups * group_size].view(out_features, groups, group_size)
     w.mul_(scale.float().unsqueeze(2)).add_(offset.float().unsqueeze(2))  # separate ops: as llama.cpp, no FMA
-    return cast(w.view(out_features, groups * group_size), dtype, reuse_buffers)
+    return cast(w.view(out_features, groups * group_size), dtype, workspace)
 
 
 @cache

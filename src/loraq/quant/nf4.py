@@ -18,7 +18,7 @@ from functools import cache
 
 import torch
 
-from .scratch import cast, lookup, scratch, word_table
+from .workspace import Workspace, cast, lookup, word_table
 
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -77,20 +77,20 @@ class NF4State:
     def double_quant(self) -> bool:
         return self.offset is not None
 
-    def block_absmax(self, reuse_buffers: bool = False) -> torch.Tensor:
+    def block_absmax(self, workspace: Workspace | None = None) -> torch.Tensor:
         """The fp32 absmax per block, undoing the double quantization if there is one."""
         if not self.double_quant:
             return self.absmax
         assert self.nested_absmax is not None and self.offset is not None
-        if not reuse_buffers:
+        if workspace is None:
             return dequantize_blockwise_8bit(self.absmax, self.nested_absmax, NESTED_BLOCKSIZE) + self.offset
         # The same float operations into work buffers: no small allocations interleaved with the big ones
         n, device = self.absmax.numel(), self.absmax.device
         padded = -(-n // NESTED_BLOCKSIZE) * NESTED_BLOCKSIZE
-        index = scratch("absmax.index", padded, torch.int32, device)
+        index = workspace.get("absmax.index", padded, torch.int32, device)
         index[:n].copy_(self.absmax)
         index[n:].zero_()
-        values = scratch("absmax.values", padded, torch.float32, device)
+        values = workspace.get("absmax.values", padded, torch.float32, device)
         torch.index_select(dynamic_code_8bit().to(device), 0, index, out=values)
         values.view(-1, NESTED_BLOCKSIZE).mul_(self.nested_absmax.unsqueeze(1))
         return values[:n].add_(self.offset)
@@ -146,23 +146,23 @@ def quantize_4bit(
 
 
 def dequantize_4bit(
-    packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None, reuse_buffers: bool = False
+    packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None, workspace: Workspace | None = None
 ) -> torch.Tensor:
     """Unpack and rescale 4-bit codes to a tensor of `state.shape` (in `dtype`, default the original's).
 
-    Computed in fp32 (code value times block absmax), then cast once. A fresh tensor each call, unless
-    `reuse_buffers` (for frozen matmuls only): then a view of a shared work buffer (see `scratch`).
+    Computed in fp32 (code value times block absmax), then cast once. A fresh tensor each call, unless a
+    `workspace` is given (frozen matmuls only): then a view of one of its buffers.
     """
     n = state.numel
     device = packed.device
     pairs = _byte_pairs(state.quant_type, device)
-    values = lookup(packed, pairs, _word_table(state.quant_type, device), reuse_buffers)[:n]
-    absmax = state.block_absmax(reuse_buffers).to(device)
+    values = lookup(packed, pairs, _word_table(state.quant_type, device), workspace)[:n]
+    absmax = state.block_absmax(workspace).to(device)
     full = n - n % state.blocksize
     values[:full].view(-1, state.blocksize).mul_(absmax[: full // state.blocksize].unsqueeze(1))
     if full < n:
         values[full:].mul_(absmax[-1])
-    return cast(values.view(state.shape), dtype or state.dtype, reuse_buffers)
+    return cast(values.view(state.shape), dtype or state.dtype, workspace)
 
 
 @cache

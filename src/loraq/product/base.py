@@ -1,0 +1,120 @@
+"""The frozen base a run trains on, built from the model name and the method's scheme (quant/schemes/):
+LoRA keeps the model as loaded, QLoRA stores it as NF4, QA-LoRA as group-wise INT-k (a Q4_1 GGUF's own codes
+where the model comes from one and INT4 g32 round-to-nearest is asked for; GPTQ calibrated on training
+examples). Training and every later use of a run (merge, export, eval) build the base here, from what the run
+folder recorded, so they all see exactly the base the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from ..core.config import LoraConfig
+from ..core.inject import linear_module_names
+from ..errors import LoraqError
+from ..quant.intk import relative_error
+from ..quant.schemes import Scheme, scheme_for, scheme_of
+from .data import ordered_batches
+from .fetch import SMOLLM2_GGUF, fetch
+from .models import is_default_model, load_model
+from .run_folder import RunFolder
+
+CALIBRATION_EXAMPLES = 256
+
+
+def gguf_source(model_name: str) -> Path | None:
+    """The GGUF file a model name loads from, if any (the default model ships as one)."""
+    if is_default_model(model_name):
+        return fetch(SMOLLM2_GGUF)
+    path = Path(model_name).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def method_scheme(model_name: str, config: LoraConfig) -> Scheme:
+    """The scheme `config.method` trains on for this model (a GGUF source's own codes where they fit)."""
+    return scheme_for(config, gguf_source(model_name))
+
+
+def build_base(
+    model_name: str,
+    config: LoraConfig,
+    calibration: list[dict] | None = None,
+    pad_id: int = 0,
+    model: nn.Module | None = None,
+    tokenizer=None,
+) -> tuple[nn.Module, object, dict[str, float]]:
+    """Load (or take) the model and make its base the one `config.method` names.
+
+    Args:
+        calibration: encoded examples for GPTQ (the first 256 are used).
+        model, tokenizer: an already loaded model to quantize in place instead of loading one.
+
+    Returns:
+        (model, tokenizer, relative reconstruction error ||W - Ŵ||/||W|| of each layer quantized here;
+        empty for LoRA or a model already in the method's format).
+    """
+    scheme = method_scheme(model_name, config)
+    errors: dict[str, float] = {}
+    if model is not None and _already_built(model, scheme):
+        return model, tokenizer, errors
+    if scheme.needs_calibration:
+        if not calibration:
+            raise LoraqError(f"--quantizer {config.resolved_quantizer} needs training data to calibrate on")
+        if model is None:
+            model, tokenizer = load_model(model_name)
+        n = min(len(calibration), CALIBRATION_EXAMPLES)
+        print(f"loraq: {scheme.describe()} calibration on {n} training examples", file=sys.stderr)
+        errors = scheme.quantize_model(model, ordered_batches(calibration[:n], 16, pad_id))
+    elif model is not None:
+        errors = scheme.quantize_model(model)
+    else:
+
+        def measured(name: str, weight, bias):
+            layer = scheme.quantize_layer(name, weight, bias)
+            errors[name] = relative_error(weight, layer.dequantize())
+            return layer
+
+        quantizing = config.method != "lora"
+        model, tokenizer = load_model(model_name, quantize_layer=measured if quantizing else None)
+    if errors:
+        print(
+            f"loraq: base quantized as {scheme.describe()}; relative weight error of the {len(errors)} layers: mean "
+            f"{statistics.mean(errors.values()):.4f}, max {max(errors.values()):.4f} ({max(errors, key=errors.get)})",
+            file=sys.stderr,
+        )
+    return model, tokenizer, errors
+
+
+def _already_built(model: nn.Module, scheme: Scheme) -> bool:
+    """Whether the model's linear layers are already stored as `scheme` stores them (or, for LoRA, in any
+    format: plain LoRA trains on whatever base it is given)."""
+    if not scheme.quantized:
+        return True
+    for name in linear_module_names(model):
+        module = model.get_submodule(name)
+        found = scheme_of(getattr(module, "base", module))
+        if found is not None and found.quantized:
+            return True
+    return False
+
+
+def rebuild_base(run: RunFolder | None, model_name: str, tokenizer) -> tuple[nn.Module, object]:
+    """The frozen base a run was trained on, built again: for GPTQ calibrated on the very examples the run
+    recorded (calibration.json); a bare adapter (run None) gets the model as loaded."""
+    if run is None:
+        model, tokenizer = load_model(model_name)
+        return model, tokenizer
+    config = run.read_config()
+    calibration = None
+    if method_scheme(model_name, config.lora).needs_calibration:
+        calibration = run.read_calibration()
+        if calibration is None:  # a run from before calibration.json: encode its data as training did
+            from .data import encode_run_data
+
+            calibration = encode_run_data(config, tokenizer).train
+    model, tokenizer, _ = build_base(model_name, config.lora, calibration, tokenizer.pad_token_id)
+    return model, tokenizer
