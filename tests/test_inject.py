@@ -110,3 +110,71 @@ def test_two_named_adapters_one_active(tiny, tokens):
     torch.testing.assert_close(logits(model, tokens), first)
     with pytest.raises(LoraqError, match=re.escape("no adapter named 'third'")):
         loraq.set_active_adapter(model, "third")
+
+
+# --- the method decides the base ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, kind", [("qlora", "NF4Linear"), ("qalora", "IntLinear")])
+def test_apply_builds_the_base_the_method_names(tiny, tokens, method, kind):
+    model, _ = tiny
+    fp32_bytes = sum(p.numel() * 4 for p in model.model.layers.parameters())
+    loraq.apply(model, LoraConfig(r=4, method=method, targets=["q_proj", "v_proj"]))
+    layers = lora_layers(model)
+    assert len(layers) == 4 and all(type(layer.base).__name__ == kind for layer in layers.values())
+    # every linear layer but the head is quantized, as `loraq train --method` does: the memory is the point
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == kind
+    assert type(model.lm_head).__name__ == "Linear"
+    layer_bytes = sum(t.numel() * t.element_size() for t in model.model.layers.state_dict().values())
+    assert layer_bytes < 0.45 * fp32_bytes
+    assert torch.isfinite(logits(model, tokens)).all()
+
+
+def test_apply_keeps_a_base_already_in_the_methods_format(tiny):
+    model, _ = tiny
+    loraq.quantize(model, LoraConfig(method="qlora", quantizer="fp4"))
+    before = model.model.layers[0].self_attn.q_proj.packed.clone()
+    loraq.apply(model, LoraConfig(r=2, method="qlora", quantizer="fp4"))
+    assert torch.equal(lora_layers(model)["model.layers.0.self_attn.q_proj"].base.packed, before)
+
+
+def test_apply_refuses_a_base_of_another_format(tiny):
+    model, _ = tiny
+    loraq.quantize(model, LoraConfig(method="qalora"))
+    with pytest.raises(
+        LoraqError, match="method qlora trains on an NF4\\+DQ blocksize 64 base, but layer .* is INT4 g32"
+    ):
+        loraq.apply(model, LoraConfig(method="qlora"))
+
+
+def test_gptq_needs_calibration_and_names_the_function_that_takes_it(tiny, tokens):
+    model, _ = tiny
+    with pytest.raises(LoraqError, match=r"needs calibration data; quantize the model with loraq\.quantize\("):
+        loraq.apply(model, LoraConfig(method="qalora", quantizer="gptq"))
+    assert not lora_layers(model)  # nothing changed
+    batches = [{"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}]
+    errors = loraq.quantize(model, LoraConfig(method="qalora", quantizer="gptq"), calibration=batches)
+    assert len(errors) == 14 and all(0 < e < 0.2 for e in errors.values())
+    loraq.apply(model, LoraConfig(r=2, method="qalora", quantizer="gptq"))
+    assert len(lora_layers(model)) == 14
+
+
+def test_load_model_with_a_method_quantizes_while_loading(tiny_model_dir, tokens):
+    model, _ = loraq.load_model(tiny_model_dir, method="qlora")
+    assert type(model.model.layers[1].mlp.down_proj).__name__ == "NF4Linear"
+    model, _ = loraq.load_model(tiny_model_dir, method=LoraConfig(method="qalora", bits=3, group_size=16))
+    layer = model.model.layers[0].self_attn.o_proj
+    assert (layer.bits, layer.group_size) == (3, 16)
+    with pytest.raises(LoraqError, match="loraq.quantize"):
+        loraq.load_model(tiny_model_dir, method=LoraConfig(method="qalora", quantizer="gptq"))
+
+
+def test_a_model_without_linear_layers_is_told_what_it_has():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.norm = torch.nn.LayerNorm(4)
+
+    with pytest.raises(LoraqError, match="no nn.Linear or Conv1D layer .* its layers are Embedding, LayerNorm"):
+        loraq.apply(Tiny(), LoraConfig())

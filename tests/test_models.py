@@ -46,3 +46,19 @@ def test_demo_writes_a_fine_tuned_gguf_of_the_same_size(tmp_path):
     assert abs(written.stat().st_size - fetch(SMOLLM2_GGUF).stat().st_size) < 4096
     samples = (tmp_path / "demo" / "samples.json").read_text()
     assert "after, from the written GGUF" in samples and result.val_loss_after < result.val_loss_before
+
+
+def test_adapters_for_the_default_model_name_its_public_id(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    models = sys.modules["loraq.product.models"]
+    monkeypatch.setattr(models, "default_model_dir", lambda: tiny_model_dir)  # the cached copy's folder
+    for name in ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        model, _ = loraq.load_model(name)
+        assert model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    loraq.apply(model, loraq.LoraConfig(r=2))
+    loraq.save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert str(tiny_model_dir) not in json.dumps(config)

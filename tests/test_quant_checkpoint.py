@@ -98,3 +98,63 @@ def test_a_truncated_file_is_named(saved):
     path.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(LoraqError, match="model.safetensors: not a readable safetensors file"):
         load_quantized(folder)
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (3, 16), (2, 64), (8, 32)])
+def test_int_k_round_trip_is_exact(tiny, tokens, tmp_path, bits, group_size):
+    import loraq
+
+    model, tokenizer = tiny
+    loraq.quantize(model, loraq.LoraConfig(method="qalora", bits=bits, group_size=group_size))
+    save_quantized(model, tokenizer, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "loraq", "format": "int", "bits": bits, "group_size": group_size}
+    loaded, _ = loraq.load_model(tmp_path / "q")
+    for name, module in model.named_modules():
+        if hasattr(module, "codes"):
+            again = loaded.get_submodule(name)
+            assert torch.equal(module.packed, again.packed) and torch.equal(module.offset, again.offset)
+    torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+
+
+def test_a_corrupt_int_k_tensor_is_named(tiny, tmp_path):
+    import loraq
+
+    model, tokenizer = tiny
+    loraq.quantize(model, loraq.LoraConfig(method="qalora"))
+    folder = save_quantized(model, tokenizer, tmp_path / "q")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.scales"] = tensors["model.layers.1.mlp.up_proj.scales"][:3]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(
+        LoraqError,
+        match=r"model.safetensors: tensor model.layers.1.mlp.up_proj.scales has 6 elements, expected 256; the quan",
+    ):
+        load_quantized(folder)
+
+
+def test_loading_leaves_other_threads_alone(saved, monkeypatch):
+    """Building the model without memory must not change how *other* code builds modules meanwhile (it once
+    patched nn.Module.register_parameter for the whole process)."""
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    _, folder = saved
+    seen = {}
+    original = AutoModelForCausalLM.from_config
+
+    def from_config(*args, **kwargs):
+        def build():
+            seen["device"] = torch.nn.Linear(2, 2).weight.device.type
+
+        thread = threading.Thread(target=build)
+        thread.start()
+        thread.join()
+        seen["patched"] = torch.nn.Module.register_parameter is not register_parameter
+        return original(*args, **kwargs)
+
+    register_parameter = torch.nn.Module.register_parameter
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", from_config)
+    load_quantized(folder)
+    assert seen == {"device": "cpu", "patched": False}

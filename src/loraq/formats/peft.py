@@ -202,6 +202,46 @@ def load_adapter(
             layer of this model, a shape that does not fit, or a non-finite weight.
     """
     config = read_adapter_config(folder, adapter_name)
+    pairs, pool = _checked_pairs(model, folder, config, allow_pickle)
+    if pool > 1:
+        config.method, config.group_size = "qalora", pool
+    file_targets = config.targets
+    config.targets = sorted(pairs)
+    apply(model, config)
+    config.targets = file_targets
+    _copy_into(model, pairs, adapter_name)
+    return model
+
+
+def load_adapter_weights(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+    """Load the weights of the PEFT adapter in `folder` into the model's existing adapter `adapter_name`
+    (resuming a run, e.g. inside transformers' Trainer), checked as `load_adapter` checks them.
+
+    Raises:
+        LoraqError: the model has no such adapter, the folder holds another one (other layers, rank or
+            pooling), or a file is missing or corrupt.
+    """
+    configs = getattr(model, "loraq_configs", {})
+    if adapter_name not in configs:
+        raise LoraqError(f"no adapter named {adapter_name!r} to load into; this model has {sorted(configs)}")
+    config = read_adapter_config(folder, adapter_name)
+    pairs, pool = _checked_pairs(model, folder, config, allow_pickle=False)
+    holding = {name for name, layer in lora_layers(model).items() if adapter_name in layer.adapters}
+    own = configs[adapter_name]
+    if set(pairs) != holding or config.r != own.r or pool != own.pool:
+        raise LoraqError(
+            f"{Path(folder) / WEIGHTS_NAME}: this adapter (r={config.r}, {len(pairs)} layers, pooling {pool}) is not "
+            f"the model's {adapter_name!r} (r={own.r}, {len(holding)} layers, pooling {own.pool})"
+        )
+    _copy_into(model, pairs, adapter_name)
+    return model
+
+
+def _checked_pairs(
+    model: nn.Module, folder: str | os.PathLike, config: LoraConfig, allow_pickle: bool
+) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], int]:
+    """module name -> {"A": (key, tensor), "B": ...}, every name and shape checked against the model, and the
+    pooling window they load with (A pooled back for a QA-LoRA adapter on bases that take it exactly)."""
     tensors = read_adapter_tensors(folder, allow_pickle)
     path = Path(folder) / WEIGHTS_NAME
     pool = _qalora_group_size(path)
@@ -243,15 +283,14 @@ def load_adapter(
             if not torch.equal(grouped, grouped[..., :1].expand_as(grouped)):
                 raise LoraqError(f"{path}: {key_a!r} is marked QA-LoRA but its columns are not constant per group")
             ab["A"] = (key_a, grouped[..., 0] * pool)
-        config.method, config.group_size = "qalora", pool
-    file_targets = config.targets
-    config.targets = sorted(pairs)
-    apply(model, config)
-    config.targets = file_targets
+        return pairs, pool
+    return pairs, 1
+
+
+def _copy_into(model: nn.Module, pairs: dict, adapter_name: str) -> None:
     layers = lora_layers(model)
     with torch.no_grad():
         for module_name, ab in pairs.items():
             adapter = layers[module_name].adapters[adapter_name]
             adapter.A.copy_(ab["A"][1])
             adapter.B.copy_(ab["B"][1])
-    return model
