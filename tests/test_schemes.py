@@ -133,3 +133,43 @@ def test_apply_uses_the_registry_for_every_method(tiny, tokens):
     loraq.apply(model, LoraConfig(r=2, method="qalora", bits=8, group_size=16))
     base = loraq.core.inject.lora_layers(model)["model.layers.0.mlp.up_proj"].base
     assert isinstance(base, IntLinear) and (base.bits, base.group_size) == (8, 16)
+
+
+def test_the_worked_example_of_a_new_scheme_works_end_to_end(tiny, tokens, tmp_path, monkeypatch):
+    """docs/architecture.md's example scheme (INT8 per row), registered the way the doc says: one class,
+    one registry entry, one method quantizer. apply, training, checkpoints and merge then just work."""
+    import re
+    import sys
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    code = re.search(r"```python\n(import torch\nfrom torch import nn\n\nfrom \.\.frozen.*?)```", doc, re.S)[1]
+    code = code.replace("from ..frozen", "from loraq.quant.frozen").replace(
+        "from .base", "from loraq.quant.schemes.base"
+    )
+    namespace: dict = {}
+    exec(compile(code, "architecture.md", "exec"), namespace)
+    scheme_class = namespace["Int8Rowwise"]
+    schemes = sys.modules["loraq.quant.schemes"]
+    config_module = sys.modules["loraq.core.config"]
+    monkeypatch.setitem(schemes.REGISTRY, "int8row", lambda bits, group_size: scheme_class())
+    monkeypatch.setattr(schemes, "LAYER_KINDS", (*schemes.LAYER_KINDS, scheme_class))
+    monkeypatch.setitem(config_module.METHOD_QUANTIZERS, "lora", ("none", "int8row"))
+
+    model, tokenizer = tiny
+    with torch.no_grad():
+        before = model(tokens).logits
+    config = LoraConfig(r=2, quantizer="int8row")
+    loraq.apply(model, config)
+    base = loraq.core.inject.lora_layers(model)["model.layers.0.self_attn.q_proj"].base
+    assert type(base).__name__ == "Int8RowLinear" and scheme_of(base).describe() == "INT8 per row"
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, before, rtol=0.05, atol=0.05)
+    loss = model(tokens, labels=tokens).loss
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    loraq.unload(model)
+    loraq.save_quantized(model, tokenizer, tmp_path / "q")
+    loaded, _ = loraq.load_model(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits, rtol=0, atol=0)

@@ -108,3 +108,17 @@ def test_packing_and_a_separate_validation_file(tmp_path, tiny_model_dir):
     assert result.train_losses[-1] < result.train_losses[0]
     default = loraq.train(config(tmp_path / "d", tiny_model_dir, steps=1, eval_every=0), progress=False)
     assert result.val_loss_before != pytest.approx(default.val_loss_before)  # measured on the other file
+
+
+def test_a_model_with_its_adapter_applied_trains_that_adapter(tmp_path, tiny_model_dir):
+    model, tokenizer = loraq.load_model(tiny_model_dir)
+    loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, method="qlora"))
+    adapter = next(iter(loraq.core.inject.lora_layers(model).values())).adapters["default"]
+    before = adapter.A.detach().clone()
+    cfg = config(tmp_path, tiny_model_dir, steps=2, eval_every=0, method="qlora")
+    result = loraq.train(cfg, model, tokenizer, progress=False)
+    assert result.model is model and not torch.equal(adapter.A, before)
+    other, tokenizer = loraq.load_model(tiny_model_dir)
+    loraq.apply(other, loraq.LoraConfig(r=8, alpha=8))
+    with pytest.raises(LoraqError, match=r"already holds adapter 'default' with r=8 \(TrainConfig: 4\)"):
+        loraq.train(config(tmp_path / "b", tiny_model_dir, steps=2), other, tokenizer, progress=False)

@@ -124,7 +124,7 @@ def _build_base(model: nn.Module, names: list[str], config: LoraConfig, scheme: 
         module = model.get_submodule(name)
         bases[name] = scheme_of(module.base if isinstance(module, LoraLinear) else module)
     full = [n for n, s in bases.items() if s is not None and not s.quantized]
-    if config.method != "lora" and full:
+    if scheme.quantized and full:
         if any(isinstance(m, LoraLinear) for m in model.modules()):
             raise LoraqError(
                 f"method {config.method}: layer {full[0]} already holds an adapter on a full-precision base; "
@@ -133,9 +133,9 @@ def _build_base(model: nn.Module, names: list[str], config: LoraConfig, scheme: 
         scheme.quantize_model(model)  # every linear layer but the head, as training does
         bases = {n: scheme_of(model.get_submodule(n)) for n in names}
     for name, base in bases.items():
-        if config.method == "qlora" and base.storage != scheme.storage:
+        if config.pool == 1 and scheme.quantized and base.storage != scheme.storage:
             raise LoraqError(
-                f"method qlora trains on an {scheme.describe()} base, but layer {name} is {base.describe()}"
+                f"method {config.method} trains on an {scheme.describe()} base, but layer {name} is {base.describe()}"
             )
         if config.pool > 1 and not base.merges_exactly(config.pool):
             raise LoraqError(

@@ -99,6 +99,12 @@ def _peft_config(model: nn.Module, config: LoraConfig, layers: dict, name: str) 
     }
 
 
+def adapter_base_model(folder: str | os.PathLike) -> str | None:
+    """The `base_model_name_or_path` an adapter folder names (None if it names none)."""
+    raw = json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8"))
+    return raw.get("base_model_name_or_path") or None
+
+
 def read_adapter_config(folder: str | os.PathLike, adapter_name: str = "default") -> LoraConfig:
     """Read and check a PEFT `adapter_config.json`; return the equivalent LoraConfig."""
     folder = Path(folder)

@@ -78,8 +78,7 @@ def build_base(
             errors[name] = relative_error(weight, layer.dequantize())
             return layer
 
-        quantizing = config.method != "lora"
-        model, tokenizer = load_model(model_name, quantize_layer=measured if quantizing else None)
+        model, tokenizer = load_model(model_name, quantize_layer=measured if scheme.quantized else None)
     if errors:
         print(
             f"loraq: base quantized as {scheme.describe()}; relative weight error of the {len(errors)} layers: mean "

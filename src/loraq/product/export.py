@@ -11,7 +11,6 @@ that; GPTQ's integer zero points round it, and the report says by how much).
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..errors import LoraqError
 from ..formats.checkpoint import write_quantized
 from ..formats.gguf import write_gguf
 from ..formats.gptq import gptq_tensors, int_layer_from_gptq, write_gptq
-from ..formats.peft import load_adapter, read_adapter_config, save_adapter
+from ..formats.peft import adapter_base_model, load_adapter, read_adapter_config, save_adapter
 from ..quant.frozen import IntLinear
 from ..quant.schemes import scheme_named
 from .base import gguf_source, method_scheme, rebuild_base
@@ -97,21 +96,11 @@ def merge_run(
     Raises:
         LoraqError: a bad option, run folder, adapter or model, or a format the merged model cannot take.
     """
-    problems = []
-    if format not in FORMATS:
-        problems.append(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if dtype not in DTYPES:
-        problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if requantize is not None and requantize not in REQUANTIZE:
-        problems.append(f"--requantize must be one of {', '.join(REQUANTIZE)}, got {requantize!r}")
-    if prompts < 1:
-        problems.append(f"--prompts must be >= 1, got {prompts}")
-    if problems:
-        raise LoraqError("; ".join(problems))
+    _check_options(format, dtype, requantize, prompts)
     adapter_dir, run = resolve_run(run_or_adapter)
     read_adapter_config(adapter_dir)  # checks the config before the (slow) model load
     config = run.read_config() if run else None
-    model_name = model or (config.model if config else None) or _adapter_base_name(adapter_dir)
+    model_name = model or (config.model if config else None) or adapter_base_model(adapter_dir)
     if not model_name:
         raise LoraqError(f"{adapter_dir}: the base model is unknown; pass --model")
     lora = config.lora if config else LoraConfig()
@@ -133,7 +122,6 @@ def merge_run(
     reference = _logits(base, batches)
     n_prompts = sum(len(b[0]) for b in batches)
     out = Path(out)
-
     if format == "peft":
         plain = dequantize_base(copy.deepcopy(unload(copy.deepcopy(base))))
         with atomic_folder(out) as tmp:
@@ -141,10 +129,31 @@ def merge_run(
             load_adapter(plain, tmp)
         error = _mean_abs_delta(_logits(plain, batches), reference)
         return MergeReport(out, format, dtype, None, n_prompts, error, None, _size(out))
-
     merged = merge(base)
     if requantize:
         scheme_named(requantize, REQUANTIZE_GROUP).quantize_model(merged)
+    return _write_merged(merged, tokenizer, out, format, dtype, requantize, batches, reference, model_name)
+
+
+def _check_options(format: str, dtype: str, requantize: str | None, prompts: int) -> None:
+    problems = []
+    if format not in FORMATS:
+        problems.append(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if dtype not in DTYPES:
+        problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if requantize is not None and requantize not in REQUANTIZE:
+        problems.append(f"--requantize must be one of {', '.join(REQUANTIZE)}, got {requantize!r}")
+    if prompts < 1:
+        problems.append(f"--prompts must be >= 1, got {prompts}")
+    if problems:
+        raise LoraqError("; ".join(problems))
+
+
+def _write_merged(
+    merged: nn.Module, tokenizer, out: Path, format: str, dtype: str, requantize, batches, reference, model_name: str
+) -> MergeReport:
+    """Write the merged model in `format`, measuring its logits against the adapted model's (`reference`)."""
+    n_prompts = sum(len(b[0]) for b in batches)
     exact_error = None
     if format == "gguf":
         error = _mean_abs_delta(_logits(merged, batches), reference)
@@ -186,11 +195,6 @@ def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _adapter_base_name(adapter_dir: Path) -> str | None:
-    raw = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    return raw.get("base_model_name_or_path")
 
 
 def _validation_batches(

@@ -119,7 +119,7 @@ def _method_layers(name: str, method: str | LoraConfig) -> QuantizeLayer | None:
 
     config = method if isinstance(method, LoraConfig) else LoraConfig(method=method)
     scheme = method_scheme(name, config)
-    if config.method == "lora":
+    if not scheme.quantized:
         return None
     if scheme.needs_calibration:
         scheme.quantize_layer(name, None, None)  # raises: calibration data is needed

@@ -168,7 +168,7 @@ def _build_model(
         config.model, config.lora, calibration, tokenizer.pad_token_id, model, tokenizer
     )
     model.to(device)
-    apply(model, config.lora)
+    _attach_adapter(model, config)
     if config.grad_checkpoint:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise LoraqError(f"--grad-checkpoint: {type(model).__name__} does not support gradient checkpointing")
@@ -187,6 +187,22 @@ def _build_model(
             report = json.dumps({"relative_error": quant_errors}, indent=1) + "\n"
             atomic_write_text(run.path / "quantization.json", report)
     return model
+
+
+def _attach_adapter(model: nn.Module, config: TrainConfig) -> None:
+    """Apply the run's adapter, or train the one already applied to a model handed in, if it is the same."""
+    existing = getattr(model, "loraq_configs", {}).get(config.lora.adapter_name)
+    if existing is None:
+        apply(model, config.lora)
+        return
+    wanted = config.lora.to_dict()
+    differ = {k: (v, wanted[k]) for k, v in existing.to_dict().items() if v != wanted[k]}
+    if differ:
+        details = ", ".join(f"{k}={a!r} (TrainConfig: {b!r})" for k, (a, b) in differ.items())
+        raise LoraqError(
+            f"the model already holds adapter {config.lora.adapter_name!r} with {details}; give the TrainConfig "
+            "the same options, or pass a model without an adapter and let train apply it"
+        )
 
 
 def _batches(config: TrainConfig, data: RunData, pad_id: int, writer: bool) -> Iterator[dict[str, torch.Tensor]]:
