@@ -25,7 +25,7 @@ def qalora_layer(bits=4, group_size=32, seed=0):
     layer = LoraLinear(int_layer(bits, group_size, seed=seed))
     layer.add_adapter(LoraConfig(r=4, alpha=8, method="qalora", bits=bits, group_size=group_size))
     layer.set_active("default")
-    nn.init.normal_(layer.adapters["default"].B, std=0.05)
+    nn.init.normal_(layer.adapters["default"].B, std=0.05 / group_size)  # sum pooling: inputs L times larger
     return layer
 
 
@@ -108,7 +108,7 @@ def qalora_run(tmp_path_factory, tiny_model_dir):
     from test_train import config as train_config
 
     tmp = tmp_path_factory.mktemp("qalora")
-    cfg = train_config(tmp, tiny_model_dir, method="qalora", bits=4, group_size=32, steps=8, eval_every=0)
+    cfg = train_config(tmp, tiny_model_dir, method="qalora", bits=4, group_size=32, steps=8, eval_every=0, lr=2e-3)
     return loraq.train(cfg, progress=False)
 
 
@@ -193,3 +193,196 @@ def test_gptq_quantizer_run(tmp_path, tiny_model_dir):
     result = loraq.train(cfg, progress=False)
     assert all(layer.base.bits == 3 for layer in lora_layers(result.model).values())
     assert (tmp_path / "run" / "quantization.json").is_file()
+
+
+# --- the pooling scale ------------------------------------------------------------------------------------
+
+
+def test_sum_pooling_is_mean_pooling_with_alpha_times_the_group_under_adam():
+    """Same forward and the same Adam steps: the pooling scale is a learning-rate factor, nothing else."""
+    torch.manual_seed(0)
+    x, target = torch.randn(16, 128), torch.randn(16, 48)
+    outputs = []
+    for pooling, alpha in (("sum", 8.0), ("mean", 8.0 * 32)):
+        torch.manual_seed(1)
+        layer = LoraLinear(int_layer())
+        layer.add_adapter(LoraConfig(r=4, alpha=alpha, method="qalora", pooling=pooling))
+        layer.set_active("default")
+        optimizer = torch.optim.AdamW(layer.adapters.parameters(), lr=1e-3)
+        for _ in range(5):
+            loss = ((layer(x) - target) ** 2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            outputs.append(layer(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_sum_pooling_trains_group_size_times_faster_than_mean():
+    """The first Adam step moves each A entry by ~lr either way; the effect on the output is L times larger."""
+    changes = []
+    for pooling in ("sum", "mean"):
+        torch.manual_seed(1)
+        layer = LoraLinear(int_layer())
+        layer.add_adapter(LoraConfig(r=4, alpha=8, method="qalora", pooling=pooling))
+        layer.set_active("default")
+        nn.init.normal_(layer.adapters["default"].B, std=0.05)
+        x = torch.randn(16, 128)
+        with torch.no_grad():
+            before = layer(x)
+        optimizer = torch.optim.Adam([layer.adapters["default"].A], lr=1e-3, eps=1e-15)  # eps: no damping
+        (layer(x) * torch.linspace(-1, 1, 48)).sum().backward()  # a loss whose gradient does not depend on y
+        optimizer.step()
+        with torch.no_grad():
+            changes.append(float((layer(x) - before).abs().mean()))
+    assert changes[0] / changes[1] == pytest.approx(32, rel=0.05)
+
+
+def legacy_adapter(folder):
+    """Strip what loraq writes since sum pooling, leaving the metadata of an adapter saved before it."""
+    from safetensors.torch import save_file
+
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file(tensors, str(path), metadata={"format": "pt", "loraq_qalora_group_size": "32"})
+
+
+def test_an_adapter_saved_before_sum_pooling_computes_what_it_did(tiny, tokens, tmp_path):
+    model, _ = tiny
+    loraq.apply(model, LoraConfig(r=4, alpha=8, method="qalora", pooling="mean"))
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.adapters["default"].B, std=0.05)
+    with torch.no_grad():
+        expected = model(tokens).logits
+    loraq.save_adapter(model, tmp_path / "old")
+    legacy_adapter(tmp_path / "old")
+    base = loraq.unload(model)
+    loraq.load_adapter(base, tmp_path / "old")
+    assert next(iter(lora_layers(base).values())).adapters["default"].pooling == "mean"
+    with torch.no_grad():
+        torch.testing.assert_close(base(tokens).logits, expected, rtol=0, atol=0)
+
+
+def test_the_adapter_metadata_says_which_pooling_it_uses(tiny, tmp_path):
+    from safetensors import safe_open
+
+    model, _ = tiny
+    loraq.apply(model, LoraConfig(r=2, method="qalora"))
+    loraq.save_adapter(model, tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["loraq_qalora_group_size"] == "32" and meta["loraq_qalora_pooling"] == "sum"
+
+
+# --- group-constant training ------------------------------------------------------------------------------
+
+
+def constants_layer(train="both", r=4):
+    layer = LoraLinear(int_layer(bias=True))
+    layer.add_adapter(LoraConfig(r=r, alpha=8, method="qalora", train_constants=train))
+    layer.set_active("default")
+    adapter = layer.adapters["default"]
+    torch.manual_seed(5)
+    for p in (adapter.gamma, adapter.delta):
+        if p is not None:
+            nn.init.normal_(p, std=0.1)
+    if r:
+        nn.init.normal_(adapter.B, std=0.05)
+    return layer
+
+
+@pytest.mark.parametrize("train", ["scale", "offset", "both"])
+def test_trained_constants_compute_and_differentiate_like_the_dequantized_weight(train):
+    layer = constants_layer(train, r=0)
+    adapter, base = layer.adapters["default"], layer.base
+    x = torch.randn(2, 7, 128, requires_grad=True)
+    y = layer(x)
+    # reference: the weight written out with ordinary autograd ops
+    codes = base.codes().view(48, 4, 32).float()
+    scale, offset = base.scale.float().unsqueeze(2), base.offset.float().unsqueeze(2)
+    gamma = adapter.gamma.unsqueeze(2) if adapter.gamma is not None else 0.0
+    delta = adapter.delta.unsqueeze(2) if adapter.delta is not None else 0.0
+    weight = (codes * (scale * (1 + gamma)) + (offset + scale * delta)).reshape(48, 128)
+    x2 = x.detach().clone().requires_grad_(True)
+    reference = nn.functional.linear(x2, weight, base.bias)
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    ours = {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
+    adapter.zero_grad()
+    reference.backward(grad)
+    for name, p in adapter.named_parameters():
+        if name in ("gamma", "delta"):
+            torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    assert base.scale.grad is None and not any(b.requires_grad for b in base.buffers())
+
+
+@pytest.mark.parametrize("train, r", [("both", 4), ("offset", 0), ("scale", 4)])
+def test_trained_constants_merge_exactly_into_the_groups(train, r):
+    layer = constants_layer(train, r)
+    codes = layer.base.codes().clone()
+    x = torch.randn(32, 128)
+    with torch.no_grad():
+        before = layer(x)
+        layer.merge()
+        after = layer.base(x)
+    assert torch.equal(layer.base.codes(), codes)
+    assert float((after - before).abs().max() / before.abs().max()) <= 2e-3  # fp16 constants
+    with torch.no_grad():
+        layer.unmerge()
+        torch.testing.assert_close(layer(x), before, rtol=2e-3, atol=2e-3)
+
+
+def test_optimizer_state_only_for_what_trains(tiny):
+    model, _ = tiny
+    loraq.apply(model, LoraConfig(r=0, method="qalora", train_constants="offset"))
+    trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad and p.numel()}
+    assert trainable == {"delta"}
+    summary = loraq.parameter_summary(model)
+    assert summary.trainable == sum(m.out_features * m.in_features // 32 for m in lora_layers(model).values())
+
+
+@pytest.fixture(scope="module")
+def constants_run(tmp_path_factory, tiny_model_dir):
+    from test_train import config as train_config
+
+    tmp = tmp_path_factory.mktemp("constants")
+    cfg = train_config(
+        tmp, tiny_model_dir, method="qalora", train_constants="both", steps=6, eval_every=0, save_every=3
+    )
+    return loraq.train(cfg, progress=False)
+
+
+def test_a_constants_run_trains_saves_reloads_and_exports_gguf_exactly(constants_run, tiny_model_dir, tokens):
+    assert constants_run.val_loss_after < constants_run.val_loss_before
+    adapter = constants_run.out / "adapter"
+    assert (adapter / "group_constants.safetensors").is_file()
+    with torch.no_grad():
+        trained = constants_run.model(tokens).logits
+    base, _ = loraq.load_model(tiny_model_dir, method="qalora")
+    loraq.load_adapter(base, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(base(tokens).logits, trained, rtol=0, atol=0)
+        merged = loraq.merge(base)
+        error = (merged(tokens).logits - trained).abs()
+    assert float(error.mean()) < 2e-3 and float(error.max()) < 2e-2  # the fp16 rounding of scale and offset
+
+
+def test_exports_that_cannot_hold_trained_constants_are_refused_up_front(constants_run, tmp_path):
+    from loraq.product.export import merge_run
+
+    for fmt, why in (("peft", "a LoRA adapter cannot hold them"), ("gptq", "integer zero points cannot hold")):
+        with pytest.raises(LoraqError, match=f"--format {fmt} cannot hold .*--train-constants both.*{why}"):
+            merge_run(constants_run.out, tmp_path / fmt, format=fmt)
+        assert not (tmp_path / fmt).exists()
+
+
+def test_constants_need_qalora_and_rank_zero_needs_constants():
+    with pytest.raises(LoraqError, match="--train-constants offset.* needs --method qalora, not qlora"):
+        LoraConfig(method="qlora", train_constants="offset")
+    with pytest.raises(LoraqError, match=r"r \(--rank\) must be a positive integer \(0 only with --train-constants\)"):
+        LoraConfig(r=0, method="qalora")
+    with pytest.raises(LoraqError, match="pooling .* must be sum or mean"):
+        LoraConfig(method="qalora", pooling="max")

@@ -23,11 +23,14 @@ def test_config_round_trips_as_a_typed_config(tmp_path):
     assert run.read_config().lora.resolved_quantizer == "gptq"
 
 
-def test_older_run_configs_still_read(tmp_path):
-    old = TrainConfig(method="qlora", out=str(tmp_path)).to_dict()
+@pytest.mark.parametrize("method, quantizer, pooling", [("qlora", "nf4", "sum"), ("qalora", "rtn", "mean")])
+def test_older_run_configs_still_read(tmp_path, method, quantizer, pooling):
+    old = TrainConfig(method=method, out=str(tmp_path)).to_dict()
     old["quantizer"] = "rtn"  # what runs before the scheme registry saved for every method
+    del old["pooling"], old["train_constants"]  # and QA-LoRA mean-pooled
     (tmp_path / "config.json").write_text(json.dumps(old))
-    assert RunFolder(tmp_path).read_config().lora.resolved_quantizer == "nf4"
+    lora = RunFolder(tmp_path).read_config().lora
+    assert (lora.resolved_quantizer, lora.pooling) == (quantizer, pooling)
 
 
 def test_a_bad_config_names_the_file(tmp_path):

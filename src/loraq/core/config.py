@@ -13,6 +13,9 @@ QALORA_BITS = (2, 3, 4, 8)
 # The quantizers (quant/schemes/ REGISTRY names) each method may use; the first is its default ("auto").
 METHOD_QUANTIZERS = {"lora": ("none",), "qlora": ("nf4", "fp4"), "qalora": ("rtn", "gptq")}
 INITS = ("kaiming", "gaussian")
+POOLINGS = ("sum", "mean")
+# QA-LoRA group-constant training: which of each group's constants (scale, offset) train besides the adapter
+CONSTANTS = ("none", "offset", "scale", "both")
 
 
 @dataclass
@@ -37,6 +40,12 @@ class LoraConfig:
             also the adapter's pooling window).
         quantizer: "auto" (the method's default), or for "qlora" "nf4" / "fp4", for "qalora" "rtn"
             (round-to-nearest; a Q4_1 GGUF's own codes at 4 bits, groups of 32) / "gptq" (calibrated).
+        pooling: QA-LoRA's pooling of each group's inputs before A: "sum" (the QA-LoRA paper's pseudocode:
+            trains at LoRA's learning rates and alphas) or "mean" (the reference code; A's effect then grows
+            group_size times slower under Adam, DESIGN.md §8; what adapters saved before loraq 0.2 use).
+        train_constants: QA-LoRA only: also train each frozen group's "scale", "offset" or "both" (codes never
+            change; the trained constants are written back on merge, exactly up to fp16). With r=0 only the
+            constants train.
         adapter_name: name of the adapter inside the model; several may coexist, one active.
     """
 
@@ -51,11 +60,24 @@ class LoraConfig:
     bits: int = 4
     group_size: int = 32
     quantizer: str = "auto"
+    pooling: str = "sum"
+    train_constants: str = "none"
 
     def __post_init__(self) -> None:
         problems = []
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            problems.append(f"r (--rank) must be a positive integer, got {self.r!r}")
+        constants = self.train_constants != "none"
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < (0 if constants else 1):
+            problems.append(f"r (--rank) must be a positive integer (0 only with --train-constants), got {self.r!r}")
+        if self.pooling not in POOLINGS:
+            problems.append(f"pooling (--pooling) must be sum or mean, got {self.pooling!r}")
+        if self.train_constants not in CONSTANTS:
+            problems.append(f"train_constants (--train-constants) must be one of {', '.join(CONSTANTS)}, got "
+                            f"{self.train_constants!r}")  # fmt: skip
+        elif constants and self.method != "qalora":
+            problems.append(
+                f"train_constants (--train-constants {self.train_constants}) trains an INT-k base's group "
+                f"constants and needs --method qalora, not {self.method}"
+            )
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             problems.append(f"alpha (--alpha) must be a positive number, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
@@ -105,7 +127,14 @@ class LoraConfig:
         return METHOD_QUANTIZERS[self.method][0] if self.quantizer == "auto" else self.quantizer
 
     @property
+    def pool_scale(self) -> float:
+        """What the pooled group sum is multiplied by before A: 1 (sum pooling) or 1/group_size (mean)."""
+        return 1.0 / self.pool if self.pooling == "mean" else 1.0
+
+    @property
     def scaling(self) -> float:
+        if self.r == 0:
+            return 0.0
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def to_dict(self) -> dict:

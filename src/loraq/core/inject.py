@@ -137,6 +137,11 @@ def _build_base(model: nn.Module, names: list[str], config: LoraConfig, scheme: 
             raise LoraqError(
                 f"method {config.method} trains on an {scheme.describe()} base, but layer {name} is {base.describe()}"
             )
+        if config.train_constants != "none" and not base.trainable_constants:
+            raise LoraqError(
+                f"--train-constants {config.train_constants}: layer {name} is {base.describe()}, which has no group "
+                "constants to train"
+            )
         if config.pool > 1 and not base.merges_exactly(config.pool):
             raise LoraqError(
                 f"QA-LoRA (method qalora) pools groups of {config.pool} input columns (--group-size), but layer "

@@ -7,10 +7,12 @@
 B starts at zero, so a fresh adapter leaves the model unchanged. Merging adds s·B·A into W0 (computed in
 float32, then cast), so a merged model costs nothing extra at inference; unmerging subtracts it again.
 
-QA-LoRA (pool = L > 1): the input is mean-pooled over each group of L consecutive columns before A, which
-is (r, in/L). The update s·B·A·mean_g(x) equals x times a weight that is constant inside every group,
-s·(BA)[o, g]/L, so it merges exactly into an INT-k base's per-group offsets when L is the base's group size;
-its full-width form (`delta_weight`) repeats each column L times.
+QA-LoRA (pool = L > 1): the input is summed over each group of L consecutive columns before A, which is
+(r, in/L). The update s·B·A·sum_g(x) equals x times a weight that is constant inside every group,
+s·(BA)[o, g], so it merges exactly into an INT-k base's per-group offsets when L is the base's group size;
+its full-width form (`delta_weight`) repeats each column L times. (Mean pooling, the reference code's, is
+the same with the update divided by L, which under Adam trains L times slower: DESIGN.md §8.) QA-LoRA can
+also train the base's group constants themselves (`LoraAdapter.gamma`, `.delta`).
 
 Which adapters merge exactly into which base, and how, is the base's scheme's answer (quant/schemes/).
 """
@@ -30,43 +32,66 @@ from .layers import layer_shape
 
 
 class LoraAdapter(nn.Module):
-    """One low-rank update: A (r, in / pool), B (out, r), its scaling, its dropout and its pooling window."""
+    """One adapter of a layer: the low-rank update A (r, in / pool), B (out, r) with its scaling, dropout and
+    pooling window; for QA-LoRA with `train_constants`, also the group constants' changes `gamma` (scale) and
+    `delta` (offset), each (out, in / pool) and zero at the start:
+
+        scale' = scale · (1 + gamma)        offset' = offset + scale · delta
+
+    Both are relative to the group's own scale, so one learning rate fits every layer under Adam, whatever
+    the size of its weights (DESIGN.md §8). The frozen layer computes with scale' and offset' (quant/frozen.py).
+    """
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig):
         super().__init__()
         self.r = config.r
         self.scaling = config.scaling
         self.pool = config.pool
+        self.pool_scale = config.pool_scale if self.pool > 1 else 1.0
+        self.pooling = config.pooling if self.pool > 1 else "sum"
         if in_features % self.pool:
             raise LoraqError(f"group size {self.pool} does not divide the layer's input size {in_features}")
-        self.A = nn.Parameter(torch.empty(config.r, in_features // self.pool))
+        groups = in_features // self.pool
+        self.A = nn.Parameter(torch.empty(config.r, groups))
         self.B = nn.Parameter(torch.zeros(out_features, config.r))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        if config.init == "gaussian":
+        if config.r == 0:
+            pass
+        elif config.init == "gaussian":
             nn.init.normal_(self.A, std=1.0 / config.r)
         else:
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        trains = config.train_constants
+        self.gamma = nn.Parameter(torch.zeros(out_features, groups)) if trains in ("scale", "both") else None
+        self.delta = nn.Parameter(torch.zeros(out_features, groups)) if trains in ("offset", "both") else None
+
+    @property
+    def trains_constants(self) -> bool:
+        return self.gamma is not None or self.delta is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x.to(self.A.dtype))
-        if self.pool > 1:
+        if self.pooling == "mean":  # adapters saved before sum pooling: computed exactly as they were
             x = x.unflatten(-1, (-1, self.pool)).mean(dim=-1)
+        elif self.pool > 1:
+            x = x.unflatten(-1, (-1, self.pool)).sum(dim=-1)
         # Scale the r-wide intermediate rather than the out-wide result: same value, fewer multiplies.
         return F.linear(F.linear(x, self.A) * self.scaling, self.B)
 
     def group_delta(self) -> torch.Tensor:
-        """s·(B·A)/pool in float32, shape (out, in / pool): the weight change of each group's columns."""
-        return (self.B.float() @ self.A.float()) * (self.scaling / self.pool)
+        """s·(B·A)·pool_scale in float32, shape (out, in / pool): the weight change of each group's columns."""
+        return (self.B.float() @ self.A.float()) * (self.scaling * self.pool_scale)
 
     def delta_weight(self) -> torch.Tensor:
-        """The full-width weight change in float32, shape (out, in): s·B·A, pooled columns repeated."""
+        """The low-rank update's full-width weight change in float32, shape (out, in), pooled columns repeated."""
         delta = self.group_delta()
         return delta.repeat_interleave(self.pool, dim=1) if self.pool > 1 else delta
 
     def expanded_A(self) -> torch.Tensor:
-        """A as a plain LoRA A of shape (r, in): each pooled column repeated pool times, divided by pool."""
+        """A as a plain LoRA A of shape (r, in): each pooled column repeated pool times (times 1/pool for mean
+        pooling), so that a plain LoRA computes what the pooled adapter computes."""
         a = self.A.detach().float()
-        return a.repeat_interleave(self.pool, dim=1) / self.pool if self.pool > 1 else a
+        return a.repeat_interleave(self.pool, dim=1) * self.pool_scale if self.pool > 1 else a
 
 
 class LoraLinear(nn.Module):
@@ -108,10 +133,12 @@ class LoraLinear(nn.Module):
         self.active = name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.active is None or self.disabled or self.merged is not None:
-            return y
-        return y + self.adapters[self.active](x).to(y.dtype)
+            return self.base(x)
+        adapter = self.adapters[self.active]
+        # with trained group constants the base computes with them
+        y = self.base(x, adapter.gamma, adapter.delta) if adapter.trains_constants else self.base(x)
+        return y + adapter(x).to(y.dtype) if adapter.r else y
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -26,6 +26,8 @@ from ..quant.schemes import scheme_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# loraq's own, beside PEFT's files: a QA-LoRA adapter's trained group constants (gamma, delta per layer)
+CONSTANTS_NAME = "group_constants.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 # PEFT writes no adapter name in keys; older files and in-memory state dicts put one before ".weight".
@@ -58,20 +60,28 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     if name not in configs:
         raise LoraqError(f"no adapter named {name!r}; this model has {sorted(configs)}")
     config = configs[name]
-    tensors = {}
+    tensors, constants = {}, {}
     for module_name, layer in layers.items():
         if name in layer.adapters:
             adapter = layer.adapters[name]
             # A QA-LoRA A is written expanded to a plain LoRA A (r, in), which PEFT and vLLM load; loraq
-            # pools it back exactly (group sizes are powers of two, so A/L·L == A).
+            # pools it back exactly (group sizes are powers of two, so A·pool_scale / pool_scale == A).
             tensors[f"{PREFIX}{module_name}.lora_A.weight"] = adapter.expanded_A().contiguous().cpu()
             tensors[f"{PREFIX}{module_name}.lora_B.weight"] = adapter.B.detach().float().contiguous().cpu()
+            for which in ("gamma", "delta"):
+                if getattr(adapter, which) is not None:
+                    constants[f"{module_name}.{which}"] = getattr(adapter, which).detach().float().contiguous().cpu()
     metadata = {"format": "pt"}
     if config.pool > 1:
-        metadata["loraq_qalora_group_size"] = str(config.pool)
+        metadata.update(loraq_qalora_group_size=str(config.pool), loraq_qalora_pooling=config.pooling)
+    if constants:
+        metadata["loraq_train_constants"] = config.train_constants
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        if config.r:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        if constants:
+            save_file(constants, str(tmp / CONSTANTS_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(_peft_config(model, config, layers, name), indent=2) + "\n")
     return folder
 
@@ -128,6 +138,8 @@ def read_adapter_config(folder: str | os.PathLike, adapter_name: str = "default"
         if key not in raw:
             raise LoraqError(f"{path}: required field {key!r} is missing")
     init = raw.get("init_lora_weights", True)
+    meta = loraq_metadata(folder)
+    qalora = {"method": "qalora", "group_size": meta["pool"]} if meta["train_constants"] != "none" else {}
     try:
         return LoraConfig(
             r=raw["r"],
@@ -137,6 +149,9 @@ def read_adapter_config(folder: str | os.PathLike, adapter_name: str = "default"
             init="gaussian" if init == "gaussian" else "kaiming",
             use_rslora=bool(raw.get("use_rslora", False)),
             adapter_name=adapter_name,
+            pooling=meta["pooling"],
+            train_constants=meta["train_constants"],
+            **qalora,
         )
     except LoraqError as e:
         raise LoraqError(f"{path}: {e}") from None
@@ -165,16 +180,25 @@ def read_adapter_tensors(folder: str | os.PathLike, allow_pickle: bool = False) 
         raise LoraqError(f"{path} is not a readable safetensors file: {e}") from None
 
 
-def _qalora_group_size(path: Path) -> int:
-    """The pooling window recorded by loraq in a QA-LoRA adapter's safetensors metadata (1: plain LoRA)."""
+def loraq_metadata(folder: str | os.PathLike) -> dict:
+    """What loraq records in an adapter's safetensors metadata: the QA-LoRA pooling window (`pool`, 1 for a
+    plain LoRA) and its `pooling` ("mean" for QA-LoRA adapters saved before sum pooling existed), and which
+    group constants it trained (`train_constants`)."""
     from safetensors import safe_open
 
+    folder = Path(folder)
+    path = folder / WEIGHTS_NAME if (folder / WEIGHTS_NAME).is_file() else folder / CONSTANTS_NAME
     try:
         with safe_open(str(path), framework="pt") as f:
-            value = (f.metadata() or {}).get("loraq_qalora_group_size", "1")
-        return int(value)
+            raw = f.metadata() or {}
+        pool = int(raw.get("loraq_qalora_group_size", "1"))
     except (SafetensorError, OSError, ValueError):
-        return 1
+        raw, pool = {}, 1
+    return {
+        "pool": pool,
+        "pooling": raw.get("loraq_qalora_pooling", "mean" if pool > 1 else "sum"),
+        "train_constants": raw.get("loraq_train_constants", "none"),
+    }
 
 
 def _pooled_bases(model: nn.Module, pairs: dict, pool: int) -> bool:
@@ -211,6 +235,8 @@ def load_adapter(
     pairs, pool = _checked_pairs(model, folder, config, allow_pickle)
     if pool > 1:
         config.method, config.group_size = "qalora", pool
+    else:
+        config.pooling = "sum"  # loaded expanded: a plain LoRA
     file_targets = config.targets
     config.targets = sorted(pairs)
     apply(model, config)
@@ -234,7 +260,7 @@ def load_adapter_weights(model: nn.Module, folder: str | os.PathLike, adapter_na
     pairs, pool = _checked_pairs(model, folder, config, allow_pickle=False)
     holding = {name for name, layer in lora_layers(model).items() if adapter_name in layer.adapters}
     own = configs[adapter_name]
-    if set(pairs) != holding or config.r != own.r or pool != own.pool:
+    if set(pairs) != holding or (config.r, pool, config.train_constants) != (own.r, own.pool, own.train_constants):
         raise LoraqError(
             f"{Path(folder) / WEIGHTS_NAME}: this adapter (r={config.r}, {len(pairs)} layers, pooling {pool}) is not "
             f"the model's {adapter_name!r} (r={own.r}, {len(holding)} layers, pooling {own.pool})"
@@ -248,15 +274,20 @@ def _checked_pairs(
 ) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], int]:
     """module name -> {"A": (key, tensor), "B": ...}, every name and shape checked against the model, and the
     pooling window they load with (A pooled back for a QA-LoRA adapter on bases that take it exactly)."""
-    tensors = read_adapter_tensors(folder, allow_pickle)
+    tensors = read_adapter_tensors(folder, allow_pickle) if config.r else {}
     path = Path(folder) / WEIGHTS_NAME
-    pool = _qalora_group_size(path)
+    pool = loraq_metadata(folder)["pool"]
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, tensor in tensors.items():
         m = _KEY.match(key)
         if m is None:
             raise LoraqError(f"{path}: tensor {key!r} is not a LoRA A/B weight; loraq loads plain LoRA adapters")
         pairs.setdefault(m["module"], {})[m["which"]] = (key, tensor)
+    constants = _read_constants(Path(folder), config)
+    if config.r and constants and set(constants) != set(pairs):
+        raise LoraqError(f"{Path(folder) / CONSTANTS_NAME}: its layers are not the adapter's")
+    for module_name, kinds in constants.items():
+        pairs.setdefault(module_name, {}).update(kinds)
     if not pairs:
         raise LoraqError(f"{path} holds no tensors")
     candidates = set(linear_module_names(model))
@@ -268,29 +299,59 @@ def _checked_pairs(
                 f"{path}: {next(iter(ab.values()))[0]!r} names module {module_name!r}, which is not a linear "
                 f"layer of this model{hint}; was this adapter trained on another model?"
             )
-        if set(ab) != {"A", "B"}:
+        if config.r and not {"A", "B"} <= set(ab):
             missing = ({"A", "B"} - set(ab)).pop()
             raise LoraqError(f"{path}: module {module_name!r} has no lora_{missing} weight")
         out_features, in_features = layer_shape(model.get_submodule(module_name))
-        (key_a, a), (key_b, b) = ab["A"], ab["B"]
-        expected = {key_a: (config.r, in_features), key_b: (out_features, config.r)}
-        for key, t in ((key_a, a), (key_b, b)):
-            if tuple(t.shape) != expected[key]:
+        expected = {"A": (config.r, in_features), "B": (out_features, config.r)}
+        expected.update(gamma=(out_features, in_features // pool), delta=(out_features, in_features // pool))
+        for which, (key, t) in ab.items():
+            where = path if which in "AB" else Path(folder) / CONSTANTS_NAME
+            if tuple(t.shape) != expected[which]:
                 raise LoraqError(
-                    f"{path}: {key!r} has shape {tuple(t.shape)} but this model needs {expected[key]} "
+                    f"{where}: {key!r} has shape {tuple(t.shape)} but this model needs {expected[which]} "
                     f"(r={config.r}, layer {in_features}->{out_features})"
                 )
             if not t.is_floating_point() or not torch.isfinite(t).all():
-                raise LoraqError(f"{path}: {key!r} holds non-finite or non-float values")
+                raise LoraqError(f"{where}: {key!r} holds non-finite or non-float values")
     if pool > 1 and _pooled_bases(model, pairs, pool):
         for ab in pairs.values():
+            if "A" not in ab:
+                continue
             key_a, a = ab["A"]
             grouped = a.reshape(a.shape[0], -1, pool)
             if not torch.equal(grouped, grouped[..., :1].expand_as(grouped)):
                 raise LoraqError(f"{path}: {key_a!r} is marked QA-LoRA but its columns are not constant per group")
-            ab["A"] = (key_a, grouped[..., 0] * pool)
+            ab["A"] = (key_a, grouped[..., 0] * (pool if config.pooling == "mean" else 1))
         return pairs, pool
+    if constants:
+        raise LoraqError(
+            f"{Path(folder) / CONSTANTS_NAME}: this adapter trained the group constants of an INT-k base quantized "
+            f"in groups of {pool}; load it onto that base (method qalora, --group-size {pool})"
+        )
     return pairs, 1
+
+
+def _read_constants(folder: Path, config: LoraConfig) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
+    """module name -> {"gamma": (key, tensor), "delta": ...} from the group-constants file ({} if none)."""
+    path = folder / CONSTANTS_NAME
+    if config.train_constants == "none":
+        return {}
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraqError(f"{path} is missing or not a readable safetensors file: {e}") from None
+    out: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, tensor in tensors.items():
+        module_name, _, which = key.rpartition(".")
+        if which not in ("gamma", "delta") or not module_name:
+            raise LoraqError(f"{path}: tensor {key!r} is not a layer's gamma or delta")
+        out.setdefault(module_name, {})[which] = (key, tensor)
+    wanted = {"scale": {"gamma"}, "offset": {"delta"}, "both": {"gamma", "delta"}}[config.train_constants]
+    for module_name, kinds in out.items():
+        if set(kinds) != wanted:
+            raise LoraqError(f"{path}: layer {module_name!r} has {sorted(kinds)}, expected {sorted(wanted)}")
+    return out
 
 
 def _copy_into(model: nn.Module, pairs: dict, adapter_name: str) -> None:
@@ -298,5 +359,5 @@ def _copy_into(model: nn.Module, pairs: dict, adapter_name: str) -> None:
     with torch.no_grad():
         for module_name, ab in pairs.items():
             adapter = layers[module_name].adapters[adapter_name]
-            adapter.A.copy_(ab["A"][1])
-            adapter.B.copy_(ab["B"][1])
+            for which, (_, tensor) in ab.items():
+                getattr(adapter, which).copy_(tensor)

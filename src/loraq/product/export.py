@@ -98,8 +98,15 @@ def merge_run(
     """
     _check_options(format, dtype, requantize, prompts)
     adapter_dir, run = resolve_run(run_or_adapter)
-    read_adapter_config(adapter_dir)  # checks the config before the (slow) model load
+    adapter_config = read_adapter_config(adapter_dir)  # checks the config before the (slow) model load
     config = run.read_config() if run else None
+    constants = (config.lora if config else adapter_config).train_constants
+    if constants != "none" and format in ("peft", "gptq"):
+        why = "a LoRA adapter cannot hold them" if format == "peft" else "its integer zero points cannot hold them"
+        raise LoraqError(
+            f"--format {format} cannot hold the group constants this run trained (--train-constants {constants}): "
+            f"{why}; export --format gguf or hf"
+        )
     model_name = model or (config.model if config else None) or adapter_base_model(adapter_dir)
     if not model_name:
         raise LoraqError(f"{adapter_dir}: the base model is unknown; pass --model")

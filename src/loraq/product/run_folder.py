@@ -72,8 +72,10 @@ class RunFolder:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise LoraqError(f"{self.config_path}: unknown options {unknown}; was it written by a newer loraq?")
-        if raw.get("method", "lora") != "qalora" and raw.get("quantizer") == "rtn":
-            raw["quantizer"] = "auto"  # before v0.2 every run saved the qalora default, whatever its method
+        if "pooling" not in raw:  # before v0.2: every run saved the qalora quantizer default, QA-LoRA mean-pooled
+            if raw.get("method", "lora") != "qalora" and raw.get("quantizer") == "rtn":
+                raw["quantizer"] = "auto"
+            raw["pooling"] = "mean" if raw.get("method") == "qalora" else "sum"
         try:
             return TrainConfig(**raw)
         except LoraqError as e:

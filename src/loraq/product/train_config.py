@@ -49,6 +49,12 @@ class TrainConfig:
         "auto (the method's default), qlora: nf4 or fp4; qalora: rtn (round to nearest; a Q4_1 GGUF's own codes "
         "at 4 bits, g32) or gptq (calibrated on 256 training examples)",
     )
+    pooling: str = _opt(
+        "sum", "qalora: sum (trains at LoRA's learning rates) or mean (adapters before loraq 0.2) pooling"
+    )
+    train_constants: str = _opt(
+        "none", "qalora: also train each group's constants: none, offset, scale or both (--rank 0: only them)"
+    )
     steps: int = _opt(100, "optimizer steps")
     batch_size: int = _opt(8, "examples per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
@@ -140,6 +146,8 @@ class TrainConfig:
                 bits=self.bits,
                 group_size=self.group_size,
                 quantizer=self.quantizer,
+                pooling=self.pooling,
+                train_constants=self.train_constants,
             )
         except LoraqError as e:
             problems.append(str(e).removeprefix("invalid LoRA config: "))

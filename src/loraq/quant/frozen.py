@@ -33,6 +33,36 @@ class _FrozenMatmul(torch.autograd.Function):
         return grad @ ctx.layer.dequantize(grad.dtype, ctx.layer.workspace), None
 
 
+class _ConstantsMatmul(torch.autograd.Function):
+    """x @ W'.T for an INT-k layer whose group constants train: W' = codes·scale·(1 + gamma) + offset +
+    scale·delta. Like _FrozenMatmul it keeps no weight between forward and backward; gamma's and delta's
+    gradients come from the weight gradient gᵀx summed over each group (times the codes for gamma)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: IntLinear, gamma, delta) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, gamma, delta)
+        return F.linear(x, layer.adjusted_weight(x.dtype, gamma, delta, layer.workspace))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, gamma, delta = ctx.saved_tensors
+        layer: IntLinear = ctx.layer
+        grad_x = grad @ layer.adjusted_weight(grad.dtype, gamma, delta, layer.workspace)
+        grad_gamma = grad_delta = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            out_features, groups = layer.scale.shape
+            grad_w = grad.reshape(-1, out_features).float().T @ x.reshape(-1, layer.in_features).float()
+            grad_w = grad_w.view(out_features, groups, layer.group_size)
+            scale = layer.scale.float()
+            if ctx.needs_input_grad[3]:
+                grad_delta = grad_w.sum(dim=2) * scale
+            if ctx.needs_input_grad[2]:
+                codes = layer.codes().view(out_features, groups, layer.group_size).float()
+                grad_gamma = (grad_w * codes).sum(dim=2) * scale
+        return grad_x, None, grad_gamma, grad_delta
+
+
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a frozen layer multiplies in: autocast's where it is on, else the input's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -137,6 +167,32 @@ class IntLinear(FrozenQuantized):
 
     def dequantize(self, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None) -> torch.Tensor:
         return dequantize_packed(self.packed, self.bits, self.scale, self.offset, dtype, workspace)
+
+    def adjusted_constants(
+        self, gamma: torch.Tensor | None, delta: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (scale·(1 + gamma), offset + scale·delta): the group constants with trained changes."""
+        scale, offset = self.scale.float(), self.offset.float()
+        new_offset = offset if delta is None else offset + scale * delta.detach().float()
+        new_scale = scale if gamma is None else scale * (1 + gamma.detach().float())
+        return new_scale, new_offset
+
+    def adjusted_weight(self, dtype, gamma, delta, workspace: Workspace | None = None) -> torch.Tensor:
+        scale, offset = self.adjusted_constants(gamma, delta)
+        return dequantize_packed(self.packed, self.bits, scale, offset, dtype, workspace)
+
+    def forward(
+        self, x: torch.Tensor, gamma: torch.Tensor | None = None, delta: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """With `gamma` / `delta` (trained group-constant changes, see LoraAdapter) the layer computes with
+        scale·(1 + gamma) and offset + scale·delta, and passes their gradients back."""
+        if gamma is None and delta is None:
+            return super().forward(x)
+        dtype = matmul_dtype(x)
+        y = _ConstantsMatmul.apply(x.to(dtype), self, gamma, delta)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def add_to_offsets(self, delta: torch.Tensor) -> None:

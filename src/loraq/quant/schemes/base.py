@@ -38,6 +38,8 @@ class Scheme:
     exact_exports: tuple[str, ...] = ()
     # The QA-LoRA pooling window whose adapters merge into this base exactly, in its format (None: none do).
     pool_window: int | None = None
+    # Whether its group constants can train (QA-LoRA's train_constants): a scale and offset per pool_window.
+    trainable_constants: bool = False
 
     # --- what it is --------------------------------------------------------------------------------------
     @classmethod

@@ -17,6 +17,7 @@ from .base import CorruptTensor, Scheme, TakeTensor
 class IntRTN(Scheme):
     name = "rtn"
     layer_type = IntLinear
+    trainable_constants = True
 
     def __init__(self, bits: int = 4, group_size: int = 32):
         self.bits, self.group_size = bits, group_size
@@ -53,10 +54,29 @@ class IntRTN(Scheme):
     def merges_exactly(self, pool: int) -> bool:
         return pool == self.group_size  # the pooled update is constant inside each group: an offset change
 
+    @torch.no_grad()
     def merge(self, layer: nn.Module, adapter: nn.Module, sign: float = 1.0) -> None:
+        """Into the group constants: offset += the pooled update (constant inside each group); trained
+        constants replace scale and offset. Codes never change; exact up to the fp16 rounding of the
+        stored constants (unmerging undoes it to that rounding too)."""
         if not self.merges_exactly(adapter.pool):
             super().merge(layer, adapter, sign)
-        layer.add_to_offsets(sign * adapter.group_delta())  # exact up to the fp16 rounding of the offsets
+        lowrank = adapter.group_delta().to(layer.offset.device) if adapter.r else 0.0
+        if not adapter.trains_constants:
+            layer.add_to_offsets(sign * lowrank)
+            return
+        if sign > 0:
+            scale, offset = layer.adjusted_constants(adapter.gamma, adapter.delta)
+            offset = offset + lowrank
+        else:  # scale' = scale·(1 + gamma), offset' = offset + scale·delta + update: solved for scale, offset
+            scale = layer.scale.float()
+            if adapter.gamma is not None:
+                scale = scale / (1 + adapter.gamma.detach().float())
+            offset = layer.offset.float() - lowrank
+            if adapter.delta is not None:
+                offset = offset - scale * adapter.delta.detach().float()
+        layer.scale.copy_(scale.half())
+        layer.offset.copy_(offset.half())
 
     def checkpoint_config(self) -> dict:
         return {"quant_method": "loraq", "format": "int", "bits": self.bits, "group_size": self.group_size}
