@@ -1,13 +1,23 @@
-"""LoRA vs QLoRA vs QA-LoRA on the default model and the demo data, side by side (same data, steps, seed):
-what each deploys as, how good that deployed model is, and how large.
+"""LoRA vs QLoRA vs QA-LoRA on the default model and data, scored as *deployed* (same data, steps and seed):
+what each ships as, how good that shipped model is, how many parameters it trains, how fast a step is.
 
-    .venv/bin/python bench/qalora.py [--steps 40] [--bleu-inputs 24]
+    .venv/bin/python bench/qalora.py                     # every setup once, at its default learning rate
+    .venv/bin/python bench/qalora.py --sweep             # learning rates at 4 bits, then the combinations
+                                                         # and 3 and 2 bits at the best rates (~5 h, 2 cores)
+    .venv/bin/python bench/qalora.py --setups qalora,constants --bits 3 --lrs 1e-3,3e-3
 
-(a) LoRA, merged to 16-bit; (b) QLoRA merged to 16-bit; (c) QLoRA merged then re-quantized to INT-k g32 RTN
-(today's deployable 4-bit path); (d) QA-LoRA INT-k g32 (the GGUF's own codes at 4 bits) merged exactly.
-For each: validation loss, BLEU / ROUGE-L of greedy generations on held-out attribute sets, trainable
-parameters, median step time, and weight bytes as deployed (16-bit tensors at 2 bytes). Then the merge error
-of the QA-LoRA INT4 exports: GGUF Q4_1 (exact) and GPTQ (integer zero points). Writes results.json.
+Setups (all r=16 alpha=32 dropout 0.05 on the 7 projections, AdamW, warmup 10 then cosine, batch 8, clip 1.0):
+  lora               LoRA, merged to 16-bit
+  qlora              QLoRA, merged to 16-bit, and merged then re-quantized to INT-k g32 RTN (the usual 4-bit path)
+  qalora             QA-LoRA, sum pooling, INT-k g32 (the GGUF's own codes at 4 bits), exact merge
+  qalora-mean        the same with mean pooling (loraq before this bench's defaults)
+  constants          QA-LoRA training each group's scale and offset only (rank 0), exact merge
+  offsets            QA-LoRA training each group's offset only (rank 0), exact merge
+  qalora+constants   QA-LoRA rank 16 and the groups' scales and offsets, exact merge
+For each: validation loss and BLEU / ROUGE-L (greedy, 24 held-out attribute sets) of the deployed model,
+trainable parameters, median step time, deployed weight size (16-bit tensors at 2 bytes). Every result is
+appended to <out>/results.jsonl as it comes (a sweep can be stopped and run again: finished runs are
+skipped); the table at the end shows each setup's best learning rate per bit width.
 """
 
 from __future__ import annotations
@@ -21,6 +31,26 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+SETUPS = {
+    "lora": {"method": "lora"},
+    "qlora": {"method": "qlora"},
+    "qalora": {"method": "qalora"},
+    "qalora-mean": {"method": "qalora", "pooling": "mean"},
+    "constants": {"method": "qalora", "rank": 0, "train_constants": "both"},
+    "offsets": {"method": "qalora", "rank": 0, "train_constants": "offset"},
+    "qalora+constants": {"method": "qalora", "train_constants": "both"},
+}
+DEFAULT_LR = {"lora": 1e-3, "qlora": 1e-3, "qalora": 1e-3, "qalora-mean": 1e-3, "constants": 1e-2, "offsets": 1e-2,
+              "qalora+constants": 1e-3}  # fmt: skip
+SWEEP_LRS = {"lora": (5e-4, 1e-3, 2e-3), "qlora": (5e-4, 1e-3, 2e-3), "qalora": (5e-4, 1e-3, 2e-3),
+             "constants": (3e-3, 1e-2, 3e-2)}  # fmt: skip
+# Swept at the best rate of the setup named: the combinations, then the low bit widths.
+SWEEP_FOLLOW = [("offsets", 4, "constants"), ("qalora+constants", 4, "qalora"), ("qalora", 3, "qalora"),
+                ("constants", 3, "constants"), ("qalora", 2, "qalora"), ("constants", 2, "constants"),
+                ("qalora+constants", 3, "qalora"), ("qalora+constants", 2, "qalora")]  # fmt: skip
+COMMON = dict(batch_size=8, rank=16, alpha=32.0, dropout=0.05, warmup_steps=10, max_grad_norm=1.0, eval_every=0,
+              seed=0, group_size=32)  # fmt: skip
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -47,95 +77,140 @@ def as_16bit(model: nn.Module) -> nn.Module:
     return model
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--bleu-inputs", type=int, default=24)
-    ap.add_argument("--out", default="runs/bench-qalora")
-    ap.add_argument("--methods", default="lora,qlora,qalora4,qalora3,qalora2", help="which runs, comma-separated")
-    ap.add_argument("--exports", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--requantized", action=argparse.BooleanOptionalAction, default=True, help="score (c)")
-    args = ap.parse_args()
+class Bench:
+    def __init__(self, out: Path, steps: int, bleu_inputs: int):
+        from loraq.product.data import load_examples, split_by_group
 
-    import loraq
-    from loraq.product.data import encode_all, load_examples, split_by_group
-    from loraq.product.evaluate import generation_scores
-    from loraq.product.export import merge_run
-    from loraq.product.train import evaluate_loss
-    from loraq.quant.schemes import scheme_named
+        self.out, self.steps, self.bleu_inputs = out, steps, bleu_inputs
+        self.splits = split_by_group(load_examples("e2e"))
+        self.results = out / "results.jsonl"
+        self.val_items = None
 
-    out = Path(args.out)
-    splits = split_by_group(load_examples("e2e"))
-    common = dict(steps=args.steps, batch_size=8, lr=1e-3, warmup_steps=4, rank=16, alpha=32.0, eval_every=0, seed=0)
-    rows: list[dict] = []
-    val_items = None
+    def done(self) -> list[dict]:
+        if not self.results.is_file():
+            return []
+        return [json.loads(line) for line in self.results.read_text().splitlines() if line.strip()]
 
-    def score(label: str, model: nn.Module, tokenizer, run: dict) -> None:
-        nonlocal val_items
-        if val_items is None:
-            val_items, _ = encode_all(tokenizer, splits.val, 256)
-        start = time.perf_counter()
-        loss = evaluate_loss(model, val_items, 16, tokenizer.pad_token_id)
-        gen = generation_scores(model, tokenizer, splits.test, max_inputs=args.bleu_inputs, max_new_tokens=48)
-        row = {"setup": label, "val_loss": loss, "bleu": gen.bleu, "rouge_l": gen.rouge_l, **run}
-        row["weight_mb"] = weight_bytes(model) / 2**20
-        rows.append(row)
-        print(
-            f"  {label:34s} val loss {loss:.4f}  BLEU {gen.bleu:5.2f}  ROUGE-L {gen.rouge_l:.4f}  "
-            f"{row['weight_mb']:7.1f} MiB  ({time.perf_counter() - start:.0f} s to score)",
-            flush=True,
-        )
+    def has(self, setup: str, bits: int, lr: float) -> bool:
+        return any(r["setup"] == setup and r["bits"] == bits and r["lr"] == lr and r["steps"] == self.steps
+                   for r in self.done())  # fmt: skip
 
-    chosen = args.methods.split(",")
-    runs = [(m[:6], int(m[6:])) if m.startswith("qalora") else (m, 4) for m in chosen]
-    for method, bits in runs:
-        name = method if method != "qalora" else f"qalora-int{bits}"
-        config = loraq.TrainConfig(method=method, bits=bits, group_size=32, out=str(out / name), **common)
-        print(f"{name}: training {args.steps} steps", flush=True)
+    def score(self, model: nn.Module, tokenizer) -> dict:
+        from loraq.product.data import encode_all
+        from loraq.product.evaluate import generation_scores
+        from loraq.product.train import evaluate_loss
+
+        if self.val_items is None:
+            self.val_items, _ = encode_all(tokenizer, self.splits.val, 256)
+        loss = evaluate_loss(model, self.val_items, 16, tokenizer.pad_token_id)
+        gen = generation_scores(model, tokenizer, self.splits.test, max_inputs=self.bleu_inputs, max_new_tokens=48)
+        return {"val_loss": loss, "bleu": gen.bleu, "rouge_l": gen.rouge_l, "weight_mb": weight_bytes(model) / 2**20}
+
+    def run(self, setup: str, bits: int, lr: float) -> None:
+        import loraq
+        from loraq.quant.schemes import scheme_named
+
+        if self.has(setup, bits, lr):
+            return
+        name = f"{setup}-int{bits}-lr{lr:g}"
+        options = {**COMMON, **SETUPS[setup], "bits": bits, "lr": lr, "steps": self.steps}
+        config = loraq.TrainConfig(out=str(self.out / name), overwrite=True, **options)
+        print(f"{name}: training {self.steps} steps", flush=True)
         result = loraq.train(config, progress=False)
-        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-        steps = [r["tokens"] / r["tok_s"] for r in records if "tok_s" in r]
+        metrics = [json.loads(line) for line in (self.out / name / "metrics.jsonl").read_text().splitlines()]
         run = {
+            "setup": setup, "bits": bits, "lr": lr, "steps": self.steps,
             "trainable": loraq.parameter_summary(result.model).trainable,
-            "step_s": statistics.median(steps),
-            "train_min": result.seconds / 60,
-        }
+            "step_s": statistics.median(r["tokens"] / r["tok_s"] for r in metrics if "tok_s" in r),
+            "train_val_loss": result.val_loss_after,
+        }  # fmt: skip
         merged = loraq.merge(copy.deepcopy(result.model))
-        tok = result.tokenizer
-        if method == "lora":
-            score("(a) LoRA -> 16-bit", as_16bit(merged), tok, run)
-        elif method == "qlora":
-            for k in (4, 3, 2) if args.requantized else ():
+        deployed = []
+        if setup == "lora":
+            deployed.append(("16-bit", as_16bit(merged)))
+        elif setup == "qlora":
+            for k in (4, 3, 2) if bits == 4 else ():
                 requantized = copy.deepcopy(merged)
                 scheme_named(f"int{k}", 32).quantize_model(requantized)
-                score(f"(c) QLoRA -> INT{k} g32 RTN", requantized, tok, run)
-            score("(b) QLoRA -> 16-bit", as_16bit(merged), tok, run)
+                deployed.append((f"INT{k} g32 RTN (re-quantized)", requantized))
+            deployed.append(("16-bit", as_16bit(merged)))
         else:
-            score(f"(d) QA-LoRA INT{bits} g32, exact merge", merged, tok, run)
-        del result, merged
+            deployed.append((f"INT{bits} g32 (exact merge)", merged))
+        for label, model in deployed:
+            start = time.perf_counter()
+            row = {**run, "deployed": label, **self.score(model, result.tokenizer)}
+            with open(self.results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"  {label:30s} val loss {row['val_loss']:.4f}  BLEU {row['bleu']:5.2f}  "
+                  f"({time.perf_counter() - start:.0f} s to score)", flush=True)  # fmt: skip
 
-    exports = {}
-    for fmt, target in (("gguf", out / "qalora-int4.gguf"), ("gptq", out / "qalora-int4-gptq")) if args.exports else ():
-        report = merge_run(out / "qalora-int4", target, format=fmt, prompts=16)
-        exports[fmt] = {
-            "mean_abs_delta_logits": report.error,
-            "exact_merge": report.exact_error,
-            "bytes": report.bytes_written,
-        }
-        print(f"  export {fmt}: {report}", flush=True)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "exports": exports}, indent=2) + "\n")
 
-    print(
-        f"\n{args.steps} steps, batch 8, lr 1e-3, r=16 on all 7 projections, seed 0; BLEU on "
-        f"{args.bleu_inputs} held-out attribute sets"
-    )
-    print("| setup | val loss | BLEU | ROUGE-L | trainable | step (s) | weights (MiB) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: r["setup"]):
-        print(
-            f"| {r['setup']} | {r['val_loss']:.4f} | {r['bleu']:.2f} | {r['rouge_l']:.4f} | {r['trainable']:,} | "
-            f"{r['step_s']:.2f} | {r['weight_mb']:.1f} |"
+def deployed_bits(row: dict) -> int | None:
+    label = row["deployed"]
+    return int(label[3]) if label.startswith("INT") else None
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """Per (setup, deployed form): the row of the best learning rate by deployed validation loss."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["setup"], r["deployed"])
+        if key not in best or r["val_loss"] < best[key]["val_loss"]:
+            best[key] = r
+    return sorted(best.values(), key=lambda r: (-(deployed_bits(r) or 16), r["val_loss"]))
+
+
+def table(rows: list[dict], steps: int) -> str:
+    lines = [
+        f"Deployed models after {steps} steps (batch 8, r=16 alpha=32, seed 0); each setup at its best learning rate",
+        "| setup | deployed as | lr | val loss | BLEU | ROUGE-L | trainable | step (s) | weights (MiB) | lrs tried |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in best_rows(rows):
+        tried = sorted({x["lr"] for x in rows if x["setup"] == r["setup"] and x["deployed"] == r["deployed"]})
+        lines.append(
+            f"| {r['setup']} | {r['deployed']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['bleu']:.2f} | "
+            f"{r['rouge_l']:.3f} | {r['trainable']:,} | {r['step_s']:.2f} | {r['weight_mb']:.1f} | "
+            f"{', '.join(f'{x:g}' for x in tried)} |"
         )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--bleu-inputs", type=int, default=24)
+    ap.add_argument("--out", default="runs/bench-qalora")
+    ap.add_argument("--setups", default=",".join(SETUPS), help="comma-separated, from: " + ", ".join(SETUPS))
+    ap.add_argument("--bits", default="4", help="bit widths of the quantized setups, comma-separated")
+    ap.add_argument("--lrs", default="", help="learning rates to run every setup at (default: each its own)")
+    ap.add_argument("--sweep", action="store_true", help="the learning-rate grid at 4 bits, then 3 and 2 bits at "
+                    "each quantized setup's best 4-bit rate")  # fmt: skip
+    ap.add_argument("--table", action="store_true", help="only print the table of the results so far")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(out, args.steps, args.bleu_inputs)
+    setups = args.setups.split(",")
+    unknown = set(setups) - set(SETUPS)
+    if unknown:
+        ap.error(f"unknown setups {sorted(unknown)}")
+    if not args.table and args.sweep:
+        for setup in [s for s in setups if s in SWEEP_LRS]:
+            for lr in SWEEP_LRS[setup]:
+                bench.run(setup, 4, lr)
+        for setup, bits, like in SWEEP_FOLLOW:
+            rows = [r for r in bench.done() if r["setup"] == like and r["bits"] == 4 and r["steps"] == args.steps]
+            if setup in setups and rows:
+                bench.run(setup, bits, min(rows, key=lambda r: r["val_loss"])["lr"])
+    elif not args.table:
+        lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else None
+        for setup in setups:
+            widths = [int(b) for b in args.bits.split(",")] if SETUPS[setup]["method"] == "qalora" else [4]
+            for bits in widths:
+                for lr in lrs or [DEFAULT_LR[setup]]:
+                    bench.run(setup, bits, lr)
+    print(table([r for r in bench.done() if r["steps"] == args.steps], args.steps))
 
 
 if __name__ == "__main__":
