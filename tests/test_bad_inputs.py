@@ -28,6 +28,11 @@ def world(tmp_path_factory, tiny_model_dir):
     cfg = loraq.TrainConfig(model=str(tiny_model_dir), data=str(E2E_TINY), steps=2, batch_size=4, rank=4,
                             eval_every=0, out=str(root / "run"))  # fmt: skip
     loraq.train(cfg, progress=False)
+    qa = loraq.TrainConfig(model=str(tiny_model_dir), data=str(E2E_TINY), steps=2, batch_size=4, rank=4,
+                           eval_every=0, method="qalora", train_constants="both", out=str(root / "qa-run"))  # fmt: skip
+    loraq.train(qa, progress=False)
+    model, tokenizer = loraq.load_model(tiny_model_dir, method=loraq.LoraConfig(method="qalora", group_size=64))
+    loraq.save_quantized(model, tokenizer, root / "int4-g64")
     return root
 
 
@@ -134,6 +139,12 @@ def case_files(world: Path, tmp: Path, tiny_model_dir: Path) -> dict[str, tuple[
         "eval: nothing to measure": (["eval", str(tiny_model_dir)], "nothing to measure"),
         "eval: missing text file": (["eval", str(tiny_model_dir), "--text", str(tmp / "none.txt")], "none.txt does not exist"),
         "plan: unknown method": (["plan", "--model", str(tiny_model_dir), "--method", "dora"], "--method must be"),
+        "option: group constants without qalora": (train + ["--data", str(E2E_TINY), "--train-constants", "both"], r"--train-constants both\) .* needs --method qalora, not lora"),
+        "option: rank 0 without group constants": (train + ["--data", str(E2E_TINY), "--method", "qalora", "--rank", "0"], r"0 only with --train-constants"),
+        "option: unknown pooling": (train + ["--data", str(E2E_TINY), "--method", "qalora", "--pooling", "max"], "must be sum or mean"),
+        "option: another method's quantizer": (train + ["--data", str(E2E_TINY), "--method", "qlora", "--quantizer", "gptq"], "for method qlora must be auto or nf4 or fp4"),
+        "merge: group constants into GPTQ": (["merge", str(world / "qa-run"), "--out", str(tmp / "g"), "--format", "gptq"], r"--format gptq cannot hold .*\(--train-constants both\)"),
+        "merge: pooling window that is not the base's groups": (["merge", str(world / "qa-run"), "--out", str(tmp / "p"), "--model", str(world / "int4-g64")], "pools groups of 32 columns, but layer .* groups of 64"),
     }  # fmt: skip
 
 
@@ -152,7 +163,9 @@ CASE_IDS = [
     "adapter: header lies about offsets", "adapter: legacy pickle, refused", "adapter: crafted pickle with --allow-pickle",
     "merge: not a run", "merge: gguf from a non-GGUF model", "merge: unknown format", "resume: nothing to resume",
     "resume: changed options", "run folder: finished run without --overwrite", "eval: nothing to measure",
-    "eval: missing text file", "plan: unknown method",
+    "eval: missing text file", "plan: unknown method", "option: group constants without qalora",
+    "option: rank 0 without group constants", "option: unknown pooling", "option: another method's quantizer",
+    "merge: group constants into GPTQ", "merge: pooling window that is not the base's groups",
 ]  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from ..core.config import LoraConfig
 from ..core.inject import linear_module_names
 from ..errors import LoraqError
+from ..formats.checkpoint import is_quantized_folder
 from ..quant.intk import relative_error
 from ..quant.schemes import Scheme, scheme_for, scheme_of
 from .data import ordered_batches
@@ -59,6 +60,8 @@ def build_base(
     """
     scheme = method_scheme(model_name, config)
     errors: dict[str, float] = {}
+    if model is None and is_quantized_folder(model_name):  # a quantized checkpoint: apply checks its format
+        model, tokenizer = load_model(model_name)
     if model is not None and _already_built(model, scheme):
         return model, tokenizer, errors
     if scheme.needs_calibration:
