@@ -11,6 +11,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..core.config import LoraConfig
@@ -47,12 +48,15 @@ def build_base(
     pad_id: int = 0,
     model: nn.Module | None = None,
     tokenizer=None,
+    device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, object, dict[str, float]]:
     """Load (or take) the model and make its base the one `config.method` names.
 
     Args:
         calibration: encoded examples for GPTQ (the first 256 are used).
         model, tokenizer: an already loaded model to quantize in place instead of loading one.
+        device: where to quantize (each layer is moved there before it is quantized; the layers not
+            quantized stay where they were loaded, for the caller to move).
 
     Returns:
         (model, tokenizer, relative reconstruction error ||W - Ŵ||/||W|| of each layer quantized here;
@@ -69,15 +73,17 @@ def build_base(
             raise LoraqError(f"--quantizer {config.resolved_quantizer} needs training data to calibrate on")
         if model is None:
             model, tokenizer = load_model(model_name)
+        model.to(device)
         n = min(len(calibration), CALIBRATION_EXAMPLES)
         print(f"loraq: {scheme.describe()} calibration on {n} training examples", file=sys.stderr)
         errors = scheme.quantize_model(model, ordered_batches(calibration[:n], 16, pad_id))
     elif model is not None:
-        errors = scheme.quantize_model(model)
+        errors = scheme.quantize_model(model.to(device))
     else:
 
         def measured(name: str, weight, bias):
-            layer = scheme.quantize_layer(name, weight, bias)
+            weight = weight.to(device)
+            layer = scheme.quantize_layer(name, weight, None if bias is None else bias.to(device))
             errors[name] = relative_error(weight, layer.dequantize())
             return layer
 

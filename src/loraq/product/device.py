@@ -19,8 +19,11 @@ def resolve_device(config: TrainConfig, rank: int = 0, world: int = 1) -> tuple[
     """The device and compute dtype a run uses, checked against what this machine has (under torchrun on
     CUDA, each process its own GPU).
 
+    On CUDA, "auto" is bf16 autocast, or fp16 (with loss scaling) on a GPU without bf16.
+
     Raises:
-        LoraqError: CUDA asked for but absent, fp16 on a CPU, or bf16 on a CPU without bf16 support.
+        LoraqError: CUDA asked for but absent, a CUDA device number this machine lacks (the message lists the
+            ones it has), bf16 on a GPU or CPU without it, or fp16 on a CPU.
     """
     name = config.device
     if name == "auto":
@@ -28,11 +31,20 @@ def resolve_device(config: TrainConfig, rank: int = 0, world: int = 1) -> tuple[
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LoraqError(f"--device {config.device}: this machine has no CUDA device (torch {torch.__version__})")
     device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        present = ", ".join(f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count()))
+        raise LoraqError(f"--device {config.device}: no such CUDA device; this machine has {present}")
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype_name = config.compute_dtype
     if dtype_name == "auto":
-        dtype_name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        dtype_name = "fp32" if device.type == "cpu" else "bf16" if cuda_bf16 else "fp16"
+    if device.type == "cuda" and dtype_name == "bf16" and not cuda_bf16:
+        raise LoraqError(
+            f"--compute-dtype bf16: {torch.cuda.get_device_name(device)} has no bf16; use --compute-dtype fp16 "
+            "(autocast with loss scaling) or fp32"
+        )
     if device.type == "cpu" and dtype_name == "fp16":
         raise LoraqError("--compute-dtype fp16 needs CUDA; on a CPU use fp32 or bf16")
     if device.type == "cpu" and dtype_name == "bf16" and not cpu_supports_bf16():

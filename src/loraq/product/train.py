@@ -86,9 +86,11 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     device, dtype = resolve_device(config, rank, world)
     tokenizer = tokenizer or load_tokenizer(config.model)
     data = _encode_data(config, tokenizer)
-    model = _build_model(config, data, model, tokenizer, device, writer, world, run)
+    model = _build_model(config, data, model, tokenizer, device, dtype, writer, world, run)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # fp16 autocast (a GPU without bf16) needs loss scaling; disabled, the scaler passes everything through
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     log = _MetricsLog(run, writer)
     batches = _batches(config, data, tokenizer.pad_token_id, writer)
 
@@ -106,11 +108,11 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         for step in bar:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(config.grad_accum)]
-            loss = _forward_backward(model, micro, rank, world, device, dtype, config, step)
+            loss = _forward_backward(model, micro, rank, world, device, dtype, config, step, scaler)
             if world > 1:
                 loss = all_reduce_gradients(params, loss, device)
             _stop_unless_finite(loss, step, run)
-            record = _optimizer_step(params, optimizer, config, step, loss, micro, t0)
+            record = _optimizer_step(params, optimizer, scaler, config, step, loss, micro, t0)
             losses.append(loss)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tok_s']:.0f}")
             done = step + 1 == config.steps
@@ -156,6 +158,7 @@ def _build_model(
     model: nn.Module | None,
     tokenizer,
     device: torch.device,
+    dtype: torch.dtype,
     writer: bool,
     world: int,
     run: RunFolder,
@@ -165,9 +168,11 @@ def _build_model(
         data.train[:CALIBRATION_EXAMPLES] if method_scheme(config.model, config.lora).needs_calibration else None
     )
     model, _, quant_errors = build_base(
-        config.model, config.lora, calibration, tokenizer.pad_token_id, model, tokenizer
+        config.model, config.lora, calibration, tokenizer.pad_token_id, model, tokenizer, device
     )
     model.to(device)
+    if device.type == "cuda":
+        frozen_to(model, dtype)  # the frozen base in 16 bits on a GPU; adapters and AdamW state stay fp32
     _attach_adapter(model, config)
     if config.grad_checkpoint:
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -187,6 +192,14 @@ def _build_model(
             report = json.dumps({"relative_error": quant_errors}, indent=1) + "\n"
             atomic_write_text(run.path / "quantization.json", report)
     return model
+
+
+def frozen_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every frozen floating-point parameter (embeddings, norms, full-precision weights, biases) to
+    `dtype`; adapters stay as they are, and quantized layers keep their codes and constants (buffers)."""
+    for name, p in model.named_parameters():
+        if not p.requires_grad and p.is_floating_point() and ".adapters." not in name:
+            p.data = p.data.to(dtype)
 
 
 def _attach_adapter(model: nn.Module, config: TrainConfig) -> None:
@@ -235,7 +248,9 @@ def _restore_or_start(
     return first, _first_val_loss(run.metrics_path)
 
 
-def _forward_backward(model, micro, rank: int, world: int, device, dtype, config: TrainConfig, step: int) -> float:
+def _forward_backward(
+    model, micro, rank: int, world: int, device, dtype, config: TrainConfig, step: int, scaler
+) -> float:
     """Accumulate the gradients of one optimizer step's micro-batches (this process's rows of each); return
     the step's token-weighted loss. Out of memory ends the run with what to do about it."""
     n_total = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), 1)
@@ -247,7 +262,7 @@ def _forward_backward(model, micro, rank: int, world: int, device, dtype, config
                 continue
             with autocast(device, dtype):
                 loss, _ = loss_sum(model, _to(shard, device))
-            (loss / n_total).backward()
+            scaler.scale(loss / n_total).backward()
             step_loss += float(loss.detach()) / n_total
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not _is_out_of_memory(e):
@@ -271,13 +286,15 @@ def _stop_unless_finite(loss: float, step: int, run: RunFolder) -> None:
     )
 
 
-def _optimizer_step(params, optimizer, config: TrainConfig, step: int, loss: float, micro, t0: float) -> dict:
+def _optimizer_step(params, optimizer, scaler, config: TrainConfig, step: int, loss: float, micro, t0: float) -> dict:
     """Clip, set the scheduled learning rate, step AdamW; return the step's metrics record."""
+    scaler.unscale_(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) for b in micro)
     tok_s = tokens / (time.perf_counter() - t0)

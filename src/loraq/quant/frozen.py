@@ -13,6 +13,9 @@ How a layer is made from a full-precision weight, saved, exported and merged int
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,11 +24,41 @@ from .intk import check_bits_and_group, dequantize_packed, pack_codes, unpack_co
 from .nf4 import NF4State, dequantize_4bit
 from .workspace import Workspace
 
+MIN_TRITON = (3, 0)
+
+
+@functools.cache
+def cuda_kernels():
+    """quant.kernels where Triton can compile for CUDA here, else None (said once): CUDA tensors then take
+    the PyTorch path, which is correct and slower."""
+    try:
+        import triton
+
+        version = tuple(int(p) for p in triton.__version__.split(".")[:2])
+        if version < MIN_TRITON:
+            raise ImportError(f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}")
+        from . import kernels
+    except ImportError as e:
+        print(f"loraq: no Triton kernels for the 4-bit layers ({e}); CUDA uses the PyTorch path", file=sys.stderr)
+        return None
+    return kernels
+
+
+def _kernels_for(t: torch.Tensor):
+    return cuda_kernels() if t.is_cuda else None
+
+
+def _out_buffer(workspace: Workspace | None, numel: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    return workspace.get("dequantize.out", numel, dtype, device) if workspace is not None else None
+
 
 class _FrozenMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: FrozenQuantized) -> torch.Tensor:
         ctx.layer = layer
+        kernels = _kernels_for(x)
+        if kernels is not None and x.numel() <= kernels.GEMV_MAX_ROWS * layer.in_features:
+            return kernels.gemv(x, layer)  # decoding: never writes the weight
         return F.linear(x, layer.dequantize(x.dtype, layer.workspace))
 
     @staticmethod
@@ -126,6 +159,10 @@ class NF4Linear(FrozenQuantized):
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None) -> torch.Tensor:
+        kernels = _kernels_for(self.packed)
+        if kernels is not None:
+            out = _out_buffer(workspace, self.in_features * self.out_features, dtype, self.packed.device)
+            return kernels.nf4_dequantize(self.packed, self.state(), dtype, out)
         return dequantize_4bit(self.packed, self.state(), dtype, workspace)
 
     def extra_repr(self) -> str:
@@ -166,7 +203,14 @@ class IntLinear(FrozenQuantized):
         return unpack_codes(self.packed, self.bits, n).view(self.out_features, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None) -> torch.Tensor:
-        return dequantize_packed(self.packed, self.bits, self.scale, self.offset, dtype, workspace)
+        return self._dequantize(self.scale, self.offset, dtype, workspace)
+
+    def _dequantize(self, scale, offset, dtype, workspace) -> torch.Tensor:
+        kernels = _kernels_for(self.packed)
+        if kernels is not None:
+            out = _out_buffer(workspace, self.in_features * self.out_features, dtype, self.packed.device)
+            return kernels.int_dequantize(self.packed, self.bits, scale, offset, dtype, out)
+        return dequantize_packed(self.packed, self.bits, scale, offset, dtype, workspace)
 
     def adjusted_constants(
         self, gamma: torch.Tensor | None, delta: torch.Tensor | None
@@ -179,7 +223,7 @@ class IntLinear(FrozenQuantized):
 
     def adjusted_weight(self, dtype, gamma, delta, workspace: Workspace | None = None) -> torch.Tensor:
         scale, offset = self.adjusted_constants(gamma, delta)
-        return dequantize_packed(self.packed, self.bits, scale, offset, dtype, workspace)
+        return self._dequantize(scale, offset, dtype, workspace)
 
     def forward(
         self, x: torch.Tensor, gamma: torch.Tensor | None = None, delta: torch.Tensor | None = None

@@ -1,0 +1,56 @@
+"""Where a run computes: CUDA device numbers, GPUs without bf16, the frozen base in 16 bits on a GPU, and the
+fallback when Triton is missing. (CUDA itself is stood in for by monkeypatching here; tests that need a GPU
+are in test_kernels.py and test_schemes.py and skip without one.)"""
+
+import sys
+
+import pytest
+import torch
+
+import loraq
+from loraq import LoraConfig, LoraqError, TrainConfig
+from loraq.product.device import resolve_device
+from loraq.product.train import frozen_to
+
+
+@pytest.fixture
+def two_gpus_without_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+
+
+def test_an_absent_cuda_device_names_those_present(two_gpus_without_bf16):
+    with pytest.raises(LoraqError, match=r"--device cuda:2: no such CUDA device; .* cuda:0 \(Tesla T4\), cuda:1"):
+        resolve_device(TrainConfig(device="cuda:2"))
+
+
+def test_a_gpu_without_bf16_gets_fp16_or_a_clear_message(two_gpus_without_bf16):
+    assert resolve_device(TrainConfig(device="cuda:1")) == (torch.device("cuda:1"), torch.float16)
+    with pytest.raises(LoraqError, match="Tesla T4 has no bf16; use --compute-dtype fp16"):
+        resolve_device(TrainConfig(device="cuda", compute_dtype="bf16"))
+
+
+def test_the_frozen_base_goes_to_16_bits_and_the_adapter_stays_fp32(tiny):
+    model, _ = tiny
+    loraq.apply(model, LoraConfig(r=2, method="qlora"))
+    frozen_to(model, torch.bfloat16)
+    for name, p in model.named_parameters():
+        expected = torch.float32 if p.requires_grad else torch.bfloat16
+        assert p.dtype == expected, name
+    absmax = next(m for m in model.modules() if hasattr(m, "nested_absmax")).nested_absmax
+    assert absmax.dtype == torch.float32  # quantization constants are buffers: untouched
+
+
+def test_without_triton_cuda_takes_the_pytorch_path_with_one_line(monkeypatch, capsys):
+    from loraq.quant import frozen
+
+    frozen.cuda_kernels.cache_clear()
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    try:
+        assert frozen.cuda_kernels() is None and frozen.cuda_kernels() is None
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no Triton kernels for the 4-bit layers" in err and "PyTorch path" in err
+    finally:
+        frozen.cuda_kernels.cache_clear()
