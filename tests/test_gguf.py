@@ -8,7 +8,7 @@ import torch
 import loraq
 from loraq import LoraqError
 from loraq.formats.gguf import (
-    Q4_1Layers,
+    GgufLayers,
     hf_linear_name,
     q4_1_decode,
     q4_1_encode,
@@ -102,7 +102,7 @@ def test_gguf_errors_are_named(tiny, tmp_path):
     model, _ = tiny
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
     with pytest.raises(LoraqError, match="bad.gguf: not a readable GGUF file"):
-        Q4_1Layers(tmp_path / "bad.gguf")
+        GgufLayers(tmp_path / "bad.gguf")
     _tiny_gguf(model, tmp_path / "tiny.gguf")
     with pytest.raises(LoraqError, match="layer model.layers.0.self_attn.q_proj is full precision"):
         write_gguf(model, tmp_path / "tiny.gguf", tmp_path / "out.gguf")

@@ -6,7 +6,10 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined; only they read it
+# Before the kernels are defined; only they read it. (Triton itself may already be imported by then, through
+# torch or accelerate, with its @jit standard-library helpers such as tl.zeros compiled, not interpreted: the
+# kernels use builtins only.)
+os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 kernels = pytest.importorskip("loraq.quant.kernels")
 

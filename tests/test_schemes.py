@@ -66,8 +66,8 @@ def test_scheme_of_a_layer_round_trips_and_answers_merges_and_exports():
     assert isinstance(int4, IntLinear) and isinstance(nf4, NF4Linear)
     assert scheme_of(int4).describe() == "INT4 g32" and scheme_of(nf4).describe() == "NF4+DQ blocksize 64"
     assert scheme_of(nn.Linear(4, 4)).describe() == "full precision" and scheme_of(nn.ReLU()) is None
-    assert scheme_of(int4).merges_exactly(32) and not scheme_of(int4).merges_exactly(1)
-    assert not scheme_of(nf4).merges_exactly(1) and FullPrecision().merges_exactly(32)
+    assert scheme_of(int4).merges_in_format(32) and not scheme_of(int4).merges_in_format(1)
+    assert not scheme_of(nf4).merges_in_format(1) and FullPrecision().merges_in_format(32)
     assert "gguf" in scheme_of(int4).exact_exports and "gguf" not in IntRTN(3, 32).exact_exports
     assert scheme_of(nf4).exact_exports == ("checkpoint",)
 

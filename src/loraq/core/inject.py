@@ -142,7 +142,7 @@ def _build_base(model: nn.Module, names: list[str], config: LoraConfig, scheme: 
                 f"--train-constants {config.train_constants}: layer {name} is {base.describe()}, which has no group "
                 "constants to train"
             )
-        if config.pool > 1 and not base.merges_exactly(config.pool):
+        if config.pool > 1 and not base.merges_in_format(config.pool):
             raise LoraqError(
                 f"QA-LoRA (method qalora) pools groups of {config.pool} input columns (--group-size), but layer "
                 f"{name} is {base.describe()}: the adapter could not merge exactly; quantize the model as "
@@ -191,7 +191,7 @@ def merge(model: nn.Module) -> nn.Module:
     keeps its format; otherwise (NF4, or INT-k under a plain LoRA) the layer is dequantized to fp32 first.
     """
     for name, layer in lora_layers(model).items():
-        if layer.active is None or layer.merges_exactly():
+        if layer.active is None or layer.merges_in_format():
             layer.merge()
             replace_module(model, name, layer.base)
         else:

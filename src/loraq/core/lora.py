@@ -162,9 +162,9 @@ class LoraLinear(nn.Module):
         self._scheme().merge(self.base, self.adapters[self.merged], sign=-1.0)
         self.merged = None
 
-    def merges_exactly(self) -> bool:
+    def merges_in_format(self) -> bool:
         """Whether the active adapter merges into the base in place, keeping the base's format."""
-        return self.active is not None and self._scheme().merges_exactly(self.adapters[self.active].pool)
+        return self.active is not None and self._scheme().merges_in_format(self.adapters[self.active].pool)
 
     def _scheme(self) -> Scheme:
         scheme = scheme_of(self.base)

@@ -257,15 +257,25 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) 
 
 
 def _compute_unsaved_buffers(model: nn.Module, where: Path) -> None:
-    """Buffers computed at construction and never saved (rotary frequency tables) are still on the meta
-    device: compute them on the CPU with the model's own initializer for that module."""
+    """Buffers computed at construction and never saved (rotary tables, Gemma's embedding scale) are still on
+    the meta device: compute them on the CPU with the model's own initializer for that module, as transformers'
+    from_pretrained does, keeping the module's loaded parameters."""
     for name, module in model.named_modules():
-        if not any(b.is_meta for b in module.buffers(recurse=False)):
+        metas = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if not metas:
             continue
-        if list(module.parameters(recurse=False)) or not hasattr(model, "_init_weights"):
+        if not hasattr(model, "_init_weights"):
             raise LoraqError(f"{where}: cannot build {type(model).__name__} without its weights (buffers of {name})")
-        module.to_empty(device="cpu", recurse=False)
+        for n in metas:
+            module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
+        kept = {n: p.detach().clone() for n, p in module.named_parameters(recurse=False)}
         model._init_weights(module)
+        with torch.no_grad():
+            for n, p in module.named_parameters(recurse=False):
+                p.copy_(kept[n])
+        for n in metas:
+            if module._buffers[n].is_floating_point() and not torch.isfinite(module._buffers[n]).all():
+                raise LoraqError(f"{where}: {type(model).__name__} does not compute its buffer {name}.{n}")
 
 
 def _tied_head(model: nn.Module, key: str) -> bool:

@@ -1,13 +1,20 @@
-"""GGUF in and out for INT-k bases: read a llama GGUF's Q4_1 blocks (the file's own codes, no
-re-quantization; quant/schemes/gguf.py makes layers of them) and write a model's INT4 g32 layers back as Q4_1
-blocks in a copy of the file.
+"""GGUF in and out: read the linear layers of a GGUF as the file's own blocks (any type of gguf_blocks.py; no
+re-quantization; quant/schemes/gguf.py makes layers of them) and write a model's layers back into a copy of
+the file, each in its own type.
+
+Which tensors are linear layers, and their Hugging Face names, is one table per architecture (ARCHITECTURES):
+llama (Mistral models included: llama.cpp writes them as llama), qwen2, qwen3, gemma2, gemma3 and phi3 (whose
+fused qkv and gate_up tensors are Hugging Face's fused `qkv_proj` and `gate_up_proj` modules, so an adapter
+covers the fused weight's rows as one layer).
+
+llama.cpp stores a llama model's q_proj and k_proj with the rows of each head interleaved for its rotary
+layout (GGUF row h·hd + 2i + j is Hugging Face row h·hd + (hd/2)·j + i); transformers undoes it on load, and so
+do we, on whole rows of blocks (any block type survives a row move), and we redo it on export. Other
+architectures keep Hugging Face's row order (transformers' GGUF loader permutes llama alone).
 
 Q4_1 block (32 weights, 20 bytes): fp16 d, fp16 m, 16 bytes of codes; weight j (0..15) is the low nibble of
-byte j, weight j + 16 its high nibble; w = q·d + m. That is IntLinear's layout at 4 bits, group 32.
-
-llama.cpp stores q_proj and k_proj with the rows of each head interleaved for its rotary layout
-(GGUF row h·hd + 2i + j is Hugging Face row h·hd + (hd/2)·j + i); transformers undoes it on load, and so do
-we, on codes, d and m alike (whole rows move, so the 32-column blocks survive), and we redo it on export.
+byte j, weight j + 16 its high nibble; w = q·d + m. That is IntLinear's layout at 4 bits, group 32, which is how
+a Q4_1 layer trains (the Triton kernels included).
 """
 
 from __future__ import annotations
@@ -20,10 +27,10 @@ import numpy as np
 import torch
 
 from ..errors import LoraqError
-from ..quant.frozen import FrozenQuantized
+from ..quant.frozen import FrozenQuantized, GgufLinear
+from .gguf_blocks import TYPES
 
-_LAYER = re.compile(r"^blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
-_HF = {
+_LLAMA_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -32,7 +39,22 @@ _HF = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-SUPPORTED_ARCHITECTURES = ("llama",)
+_PHI3_NAMES = {
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# GGUF architecture -> (its linear tensors' names -> Hugging Face module names, whether q/k rows are permuted)
+ARCHITECTURES = {
+    "llama": (_LLAMA_NAMES, True),  # Mistral GGUFs are llama files (llama.cpp converts them so)
+    "qwen2": (_LLAMA_NAMES, False),
+    "qwen3": (_LLAMA_NAMES, False),
+    "gemma2": (_LLAMA_NAMES, False),
+    "gemma3": (_LLAMA_NAMES, False),
+    "phi3": (_PHI3_NAMES, False),
+}
+_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 BLOCK = 32
 
 
@@ -54,15 +76,26 @@ def _field(reader, key: str):
     return None if field is None else field.contents()
 
 
-def hf_linear_name(gguf_name: str) -> str | None:
+def hf_linear_name(gguf_name: str, arch: str = "llama") -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj` (None for other tensors)."""
     m = _LAYER.match(gguf_name)
-    return None if m is None else f"model.layers.{m[1]}.{_HF[m[2]]}"
+    names = ARCHITECTURES[arch][0]
+    return None if m is None or m[2] not in names else f"model.layers.{m[1]}.{names[m[2]]}"
+
+
+def architecture(reader, path) -> str:
+    """The file's architecture, if loraq has its table; else a LoraqError naming it."""
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise LoraqError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    return arch
 
 
 def _heads_for(reader, gguf_name: str) -> int | None:
     """Number of heads whose rows llama.cpp interleaved in this tensor (None: not permuted)."""
     arch = _field(reader, "general.architecture")
+    if not ARCHITECTURES.get(arch, ({}, False))[1]:
+        return None
     if ".attn_q." in gguf_name:
         return int(_field(reader, f"{arch}.attention.head_count"))
     if ".attn_k." in gguf_name:
@@ -83,7 +116,7 @@ def rows_to_gguf(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(heads, 2, rows // heads // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
-def q4_1_decode(data: np.ndarray, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def q4_1_decode(data, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, columns/32*20) uint8 Q4_1 blocks -> codes uint8 (rows, columns), d and m fp16 (rows, groups)."""
     rows = data.shape[0]
     blocks = torch.from_numpy(np.array(data, dtype=np.uint8)).reshape(rows, columns // BLOCK, 20)
@@ -92,6 +125,11 @@ def q4_1_decode(data: np.ndarray, columns: int) -> tuple[torch.Tensor, torch.Ten
     qs = blocks[..., 4:20]
     codes = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(rows, columns)
     return codes, d, m
+
+
+def q4_1_rows(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Q4_1 blocks, uint8 (rows, columns/32*20), of INT4 g32 codes with their d and m."""
+    return torch.from_numpy(q4_1_encode(codes, d, m))
 
 
 def q4_1_encode(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
@@ -104,62 +142,71 @@ def q4_1_encode(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.nda
     return torch.cat([d_bytes, m_bytes, qs], dim=-1).reshape(rows, -1).numpy()
 
 
-class Q4_1Layers:
-    """The linear layers of a llama GGUF by Hugging Face module name, decoded on request: `get(name)` gives
-    (codes uint8 (out, in), d fp16 (out, in/32), m fp16) in Hugging Face row order for a Q4_1 tensor, the
-    tensor type's name for another type, None for a layer the file lacks.
+class GgufLayers:
+    """The linear layers of a GGUF by Hugging Face module name, read on request: `get(name)` gives the
+    tensor's type name and its blocks, uint8 (rows, bytes per row), in Hugging Face row order; None for a layer
+    the file lacks.
 
     Raises:
-        LoraqError: the file is unreadable or not a supported (llama) architecture.
+        LoraqError: the file is unreadable, of an architecture without a table, or holds a linear tensor of a
+            type loraq cannot train on (the tensor, its type and the architecture named), or a tensor whose
+            data does not fit its shape and type: all before any layer is read.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.reader = open_gguf(self.path)
-        arch = _field(self.reader, "general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise LoraqError(
-                f"{self.path}: GGUF architecture {arch!r} is not supported for INT bases (supported: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
-        self.tensors = {hf_linear_name(t.name): t for t in self.reader.tensors if hf_linear_name(t.name)}
+        self.arch = architecture(self.reader, self.path)
+        self.tensors = {}
+        for t in self.reader.tensors:
+            name = hf_linear_name(t.name, self.arch)
+            if name is None:
+                continue
+            if t.tensor_type.name not in TYPES:
+                raise LoraqError(
+                    f"{self.path}: tensor {t.name} is {t.tensor_type.name}, a type loraq cannot train on "
+                    f"(architecture {self.arch}; trainable: {', '.join(TYPES)})"
+                )
+            kind = TYPES[t.tensor_type.name]
+            columns, rows = (int(x) for x in t.shape[:2])
+            if t.data.ndim != 2 or t.data.shape != (rows, columns // kind.block * kind.nbytes) or columns % kind.block:
+                raise LoraqError(
+                    f"{self.path}: tensor {t.name} ({t.tensor_type.name}, shape {columns} x {rows}) holds data of "
+                    f"shape {tuple(t.data.shape)}: the file is truncated or inconsistent"
+                )
+            self.tensors[name] = t
 
-    def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str | None:
-        from gguf import GGMLQuantizationType
-
+    def get(self, name: str) -> tuple[str, torch.Tensor] | None:
         t = self.tensors.get(name)
         if t is None:
             return None
-        if t.tensor_type != GGMLQuantizationType.Q4_1:
-            return t.tensor_type.name
-        codes, d, m = q4_1_decode(t.data, t.data.shape[1] // 20 * BLOCK)
+        blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8))
         heads = _heads_for(self.reader, t.name)
-        if heads:
-            codes, d, m = (rows_from_gguf(x, heads) for x in (codes, d, m))
-        return codes, d, m
+        return t.tensor_type.name, rows_from_gguf(blocks, heads) if heads else blocks
 
 
 def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write `source` again with every linear layer replaced by the model's INT4 g32 layer as Q4_1 blocks.
+    """Write `source` again with every linear layer replaced by the model's: a GGUF-blocks layer in its own
+    type (its blocks as a merge left them), an INT4 g32 layer as Q4_1.
 
-    Everything else (metadata, tokenizer, embeddings, norms) is copied as is, so the result has the size
-    of the source when the source's linear layers were Q4_1. The file is written under a temporary name
-    and renamed when complete.
+    Everything else (metadata, tokenizer, embeddings, norms) is copied as is, so the result has the size of
+    the source when its layers keep their types. The file is written under a temporary name and renamed when
+    complete.
 
     Raises:
-        LoraqError: a linear layer of the model is not stored as INT4 g32, or the model does not
-            match the file.
+        LoraqError: a linear layer of the model is in no GGUF type, or the model does not match the file.
     """
     from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
     from ..quant.schemes import scheme_of
 
     reader = open_gguf(source)
+    arch = architecture(reader, source)
     out = Path(out)
     modules = dict(model.named_modules())
-    blocks = {}
+    blocks, types = {}, {}
     for t in reader.tensors:
-        name = hf_linear_name(t.name)
+        name = hf_linear_name(t.name, arch)
         if name is None:
             continue
         layer = modules.get(name)
@@ -167,14 +214,16 @@ def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.
         if scheme is None or "gguf" not in scheme.exact_exports:
             kind = "missing" if layer is None else scheme.describe() if scheme else type(layer).__name__
             raise LoraqError(
-                f"GGUF export writes Q4_1 (INT4, group 32), but layer {name} is {kind}; "
-                "train with --bits 4 --group-size 32 or export with --format gptq or hf"
+                f"GGUF export writes each layer in a GGUF block type (the file's own, or Q4_1 for INT4 g32), but "
+                f"layer {name} is {kind}; train on the GGUF's codes (--bits 4 --group-size 32) or export with "
+                "--format gptq or hf"
             )
-        codes, d, m = layer.codes(), layer.scale, layer.offset
         heads = _heads_for(reader, t.name)
-        if heads:
-            codes, d, m = (rows_to_gguf(x, heads) for x in (codes, d, m))
-        blocks[t.name] = q4_1_encode(codes.cpu(), d.cpu(), m.cpu())
+        if isinstance(layer, GgufLinear):
+            data, types[t.name] = layer.blocks.cpu(), layer.type_name
+        else:
+            data, types[t.name] = q4_1_rows(layer.codes().cpu(), layer.scale.cpu(), layer.offset.cpu()), "Q4_1"
+        blocks[t.name] = (rows_to_gguf(data, heads) if heads else data).numpy()
     layers = [m for m in modules.values() if isinstance(m, FrozenQuantized)]
     if len(blocks) != len(layers):
         raise LoraqError(f"{source} has {len(blocks)} linear layers, the model {len(layers)}: not its source file")
@@ -196,7 +245,7 @@ def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.
             writer.add_key_value(field.name, value, main, sub_type=sub)
         for t in reader.tensors:
             data = blocks.get(t.name, t.data)
-            raw_dtype = GGMLQuantizationType.Q4_1 if t.name in blocks else t.tensor_type
+            raw_dtype = GGMLQuantizationType[types[t.name]] if t.name in blocks else t.tensor_type
             writer.add_tensor(t.name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

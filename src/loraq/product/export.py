@@ -112,7 +112,7 @@ def merge_run(
         raise LoraqError(f"{adapter_dir}: the base model is unknown; pass --model")
     lora = config.lora if config else LoraConfig()
     base_scheme = method_scheme(model_name, lora)
-    if requantize and base_scheme.quantized and base_scheme.merges_exactly(lora.pool):
+    if requantize and base_scheme.quantized and base_scheme.merges_in_format(lora.pool):
         raise LoraqError(
             f"--requantize: this adapter merges exactly into its {base_scheme.describe()} base, which stays "
             "quantized; export it without re-quantizing"

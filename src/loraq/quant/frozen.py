@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats import gguf_blocks
 from .intk import check_bits_and_group, dequantize_packed, pack_codes, unpack_codes
 from .nf4 import NF4State, dequantize_4bit
 from .workspace import Workspace
@@ -247,3 +248,25 @@ class IntLinear(FrozenQuantized):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, int{self.bits}, group_size={self.group_size}"
+
+
+class GgufLinear(FrozenQuantized):
+    """A frozen linear layer stored as a GGUF file's own blocks, in any type of formats/gguf_blocks.py (Q4_0 ...
+    Q6_K), dequantized on every use with the gguf package's arithmetic (bit for bit). The blocks are kept as
+    the file holds them, so the layer writes back as the same tensor; a merge changes the constants (or, for
+    types without offsets, the codes) through its scheme (quant/schemes/gguf.py)."""
+
+    def __init__(self, blocks: torch.Tensor, type_name: str, in_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        kind = gguf_blocks.TYPES[type_name]
+        if in_features % kind.block or blocks.shape[1] != in_features // kind.block * kind.nbytes:
+            raise ValueError(f"{type_name} blocks {tuple(blocks.shape)} do not hold rows of {in_features} weights")
+        self.out_features, self.in_features, self.type_name = blocks.shape[0], in_features, type_name
+        self.register_buffer("blocks", blocks.contiguous())
+        self._frozen_bias(bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None) -> torch.Tensor:
+        return gguf_blocks.dequantize(self.blocks, self.type_name).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.type_name}"

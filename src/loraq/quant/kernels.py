@@ -100,7 +100,7 @@ def _gemv_kernel(x_ptr, y_ptr, rows, out_features,
     (in_features is a compile-time constant: one compilation per layer width.)"""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros, a @jit helper: see tests/test_kernels.py
     for k0 in range(0, in_features, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         tile_mask = (n[:, None] < out_features) & (k[None, :] < in_features)

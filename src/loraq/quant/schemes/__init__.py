@@ -18,7 +18,7 @@ from ...core.config import LoraConfig
 from ...errors import LoraqError
 from .base import CorruptTensor, Scheme
 from .full import FullPrecision
-from .gguf import GgufCodes
+from .gguf import GgufBlocks, GgufCodes
 from .gptq import IntGPTQ
 from .intk import IntRTN
 from .nf4 import NF4
@@ -33,7 +33,7 @@ REGISTRY = {
     "gptq": lambda bits, group_size: IntGPTQ(bits, group_size),
 }
 # The kinds of stored layer, asked in this order which one a layer is (subclasses share their parent's).
-LAYER_KINDS: tuple[type[Scheme], ...] = (FullPrecision, NF4, IntRTN)
+LAYER_KINDS: tuple[type[Scheme], ...] = (FullPrecision, NF4, IntRTN, GgufBlocks)
 
 __all__ = ["REGISTRY", "CorruptTensor", "Scheme", "scheme_for", "scheme_from_checkpoint", "scheme_named", "scheme_of"]
 

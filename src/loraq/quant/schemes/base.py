@@ -40,6 +40,8 @@ class Scheme:
     pool_window: int | None = None
     # Whether its group constants can train (QA-LoRA's train_constants): a scale and offset per pool_window.
     trainable_constants: bool = False
+    # Whether an in-format merge is exact (False: to the nearest value the format holds)
+    exact_merge: bool = True
 
     # --- what it is --------------------------------------------------------------------------------------
     @classmethod
@@ -91,12 +93,14 @@ class Scheme:
         return errors
 
     # --- merging adapters --------------------------------------------------------------------------------
-    def merges_exactly(self, pool: int) -> bool:
-        """Whether an adapter pooling `pool` input columns merges into this base exactly, in its format."""
+    def merges_in_format(self, pool: int) -> bool:
+        """Whether an adapter pooling `pool` input columns merges into this base in its own format: exactly
+        (up to the rounding of stored constants) where `exact_merge`, else to the nearest the format holds
+        (merge_run measures the error)."""
         return False
 
     def merge(self, layer: nn.Module, adapter: nn.Module, sign: float = 1.0) -> None:
-        """Add (sign=-1: subtract) `adapter`'s update into `layer` in place; only where `merges_exactly`."""
+        """Add (sign=-1: subtract) `adapter`'s update into `layer` in place; only where `merges_in_format`."""
         raise LoraqError(f"an adapter cannot be merged exactly into a {self.describe()} base; use loraq.merge(model)")
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:

@@ -31,7 +31,7 @@ class FullPrecision(Scheme):
     def quantize_model(self, model: nn.Module, calibration=None) -> dict[str, float]:
         return {}
 
-    def merges_exactly(self, pool: int) -> bool:
+    def merges_in_format(self, pool: int) -> bool:
         return True  # any adapter's full-width update adds into the weight (in fp32, then one rounding)
 
     @torch.no_grad()

@@ -1,7 +1,18 @@
-"""A GGUF's own Q4_1 codes as the INT4 g32 base: no re-quantization. Q4_1 is IntLinear's layout at 4 bits
-and groups of 32 (d = scale, m = offset), so every layer the file stores as Q4_1 is taken as it is (q/k rows
-un-permuted, formats/gguf.py); a layer stored in another type is re-quantized with RTN INT4 g32 from the
-loaded weights, with a note saying so."""
+"""A GGUF file's own linear layers as the base, in the file's own block types: no re-quantization.
+
+`GgufCodes` is the scheme QA-LoRA INT4 g32 round-to-nearest becomes on a model loaded from a GGUF: Q4_1 layers
+become IntLinear (its layout at 4 bits, groups of 32), every other type of formats/gguf_blocks.py a GgufLinear
+holding the file's blocks. `GgufBlocks` is the format of one such layer: a QA-LoRA adapter (pooling 32) merges
+into it in the file's own type —
+
+- Q4_1, Q5_1: exactly, into the fp16 offsets m;
+- Q2_K, Q4_K, Q5_K: to the nearest offsets the type holds (integer mins times one fp16 dmin per super-block,
+  fitted again);
+- Q4_0, Q5_0, Q8_0, Q3_K, Q6_K (no offsets): by moving each sub-block's codes by the whole number of steps
+  nearest to the update (clamped to the code range),
+
+and merge_run reports the logit error of the written file against the trained model.
+"""
 
 from __future__ import annotations
 
@@ -13,39 +24,96 @@ import torch
 from torch import nn
 
 from ...errors import LoraqError
-from ...formats.gguf import Q4_1Layers
-from ..frozen import IntLinear
+from ...formats import gguf_blocks
+from ...formats.gguf import GgufLayers, q4_1_decode
+from ..frozen import GgufLinear, IntLinear
+from .base import Scheme
 from .intk import IntRTN
 
 
+class GgufBlocks(Scheme):
+    name = "gguf-blocks"
+    layer_type = GgufLinear
+    exact_exports = ("gguf",)
+    pool_window = 32
+
+    def __init__(self, type_name: str = "Q4_0"):
+        self.type_name = type_name
+        self.kind = gguf_blocks.TYPES[type_name]
+        self.exact_merge = self.kind.offsets == "free"
+        # (trained group constants need a layer that computes with them: IntLinear, which Q4_1 files become, does)
+
+    @classmethod
+    def of_layer(cls, layer: nn.Module) -> Scheme | None:
+        return cls(layer.type_name) if isinstance(layer, GgufLinear) else None
+
+    def describe(self) -> str:
+        return f"GGUF {self.type_name}"
+
+    def bits_per_param(self, in_features: int) -> float:
+        return self.kind.nbytes * 8 / self.kind.block
+
+    def merges_in_format(self, pool: int) -> bool:
+        return pool == self.pool_window
+
+    @torch.no_grad()
+    def merge(self, layer: nn.Module, adapter: nn.Module, sign: float = 1.0) -> None:
+        if not self.merges_in_format(adapter.pool):
+            super().merge(layer, adapter, sign)
+        q, a, b = gguf_blocks.decode(layer.blocks, self.type_name)
+        per = adapter.pool // self.kind.sub  # sub-blocks per pooled group (1 or 2)
+        update = adapter.group_delta().to(a.device).repeat_interleave(per, dim=1) * sign if adapter.r else 0.0
+        blocks = layer.blocks
+        if self.kind.offsets in ("free", "quantized"):  # fp16 offsets (exact to fp16), or a grid of mins
+            blocks = gguf_blocks.set_offsets(blocks, self.type_name, b + update)
+        else:
+            steps = torch.round(update / torch.where(a == 0, torch.ones_like(a), a)) * (a != 0)
+            low, high = gguf_blocks.code_range(self.type_name)
+            moved = q + steps.repeat_interleave(self.kind.sub, dim=1).to(torch.int16)
+            blocks = gguf_blocks.encode_codes(blocks, self.type_name, moved.clamp(low, high))
+        layer.blocks.copy_(blocks)
+
+
 class GgufCodes(IntRTN):
+    """INT4 g32 from a GGUF's own codes (see the module's docstring)."""
+
     name = "gguf"
 
     def __init__(self, source: str | os.PathLike):
         super().__init__(4, 32)
         self.source = Path(source)
-        self._layers: Q4_1Layers | None = None
+        self._layers: GgufLayers | None = None
         self.requantized: list[str] = []
 
     def describe(self) -> str:
-        return f"the INT4 g32 codes stored in {self.source.name}"
+        return f"the codes stored in {self.source.name}"
+
+    def layers(self) -> GgufLayers:
+        """The file's linear layers, opened (and every tensor's type and shape checked) on first use."""
+        if self._layers is None:
+            self._layers = GgufLayers(self.source)
+        return self._layers
 
     def quantize_layer(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        if self._layers is None:  # opened on first use: resolving a scheme reads nothing
-            self._layers, self.requantized = Q4_1Layers(self.source), []
-        stored = self._layers.get(name)
-        if isinstance(stored, tuple):
-            codes, d, m = stored
-            if codes.shape != weight.shape:
-                raise LoraqError(
-                    f"{self.source}: layer {name} is {tuple(codes.shape)}, the model expects {tuple(weight.shape)}"
+        stored = self.layers().get(name)
+        if stored is None:
+            self.requantized.append(name)
+            if len(self.requantized) == 1:
+                print(
+                    f"loraq: note: {self.source} has no tensor for {name}; such layers are quantized with RTN INT4 "
+                    "g32 from the loaded weights",
+                    file=sys.stderr,
                 )
-            return IntLinear(codes.to(weight.device), d.to(weight.device), m.to(weight.device), 4, bias)
-        self.requantized.append(f"{name} ({stored or 'absent'})")
-        if len(self.requantized) == 1:
-            print(
-                f"loraq: note: {self.source} stores {self.requantized[0]} not as Q4_1; such layers are dequantized "
-                "and re-quantized with RTN INT4 g32 (a second rounding)",
-                file=sys.stderr,
+            return super().quantize_layer(name, weight, bias)
+        type_name, blocks = stored
+        kind = gguf_blocks.TYPES[type_name]
+        rows, columns = blocks.shape[0], blocks.shape[1] // kind.nbytes * kind.block
+        if (rows, columns) != tuple(weight.shape):
+            raise LoraqError(
+                f"{self.source}: layer {name} is {(rows, columns)} in the file, the model expects {tuple(weight.shape)}"
             )
-        return super().quantize_layer(name, weight, bias)
+        device = weight.device
+        if type_name == "Q4_1":
+            codes, d, m = q4_1_decode(blocks.numpy(), columns)
+            return IntLinear(codes.to(device), d.to(device), m.to(device), 4, bias)
+        return GgufLinear(blocks.to(device), type_name, columns, bias)

@@ -51,7 +51,7 @@ class IntRTN(Scheme):
         self.check(name, tuple(weight.shape))
         return IntLinear(*quantize_rtn(weight, self.bits, self.group_size), self.bits, bias)
 
-    def merges_exactly(self, pool: int) -> bool:
+    def merges_in_format(self, pool: int) -> bool:
         return pool == self.group_size  # the pooled update is constant inside each group: an offset change
 
     @torch.no_grad()
@@ -59,7 +59,7 @@ class IntRTN(Scheme):
         """Into the group constants: offset += the pooled update (constant inside each group); trained
         constants replace scale and offset. Codes never change; exact up to the fp16 rounding of the
         stored constants (unmerging undoes it to that rounding too)."""
-        if not self.merges_exactly(adapter.pool):
+        if not self.merges_in_format(adapter.pool):
             super().merge(layer, adapter, sign)
         lowrank = adapter.group_delta().to(layer.offset.device) if adapter.r else 0.0
         if not adapter.trains_constants:
