@@ -16,6 +16,7 @@ from loraq.core.inject import lora_layers
 from loraq.core.lora import LoraLinear
 from loraq.formats import gguf_blocks
 from loraq.formats.gguf import ARCHITECTURES, GgufLayers, rows_to_gguf, write_gguf
+from loraq.product.export import _merge_in_format
 from loraq.quant.frozen import GgufLinear, IntLinear
 from loraq.quant.schemes import scheme_of
 from loraq.quant.schemes.gguf import GgufCodes
@@ -207,6 +208,11 @@ def test_every_architecture_trains_on_its_file_and_writes_it_back(index, hf_kind
     tokens = torch.randint(3, len(tokenizer), (1, 8))
     with torch.no_grad():
         adapted = loaded(tokens).logits
+    lost = _merge_in_format(loaded)  # what merge_run reports per layer
+    assert set(lost) == set(chosen)
+    for name, (kind, share) in lost.items():
+        exact = chosen[name] in ("Q4_1", "Q5_1")
+        assert (share < 0.05) if exact else (0 <= share <= 1.5), (name, kind, share)  # exact: fp16 offsets
     merged = loraq.merge(loaded)
     with torch.no_grad():
         error = float((merged(tokens).logits - adapted).abs().mean())

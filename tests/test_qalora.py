@@ -157,6 +157,8 @@ def test_merge_to_hf_is_exact_and_gptq_reports_its_rounding(qalora_run, tmp_path
 
     hf = merge_run(qalora_run.out, tmp_path / "hf", dtype="fp32")
     assert hf.error < 1e-3
+    assert len(hf.layer_errors) == 14 and max(e for _, e in hf.layer_errors.values()) < 1e-2  # exact to fp16
+    assert hf.by_format()["INT4 g32"][0] == 14 and "14 layers in INT4 g32" in str(hf)
     with torch.no_grad():
         expected = qalora_run.model(tokens).logits
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(tokens).logits

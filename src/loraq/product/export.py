@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from ..formats.gguf import write_gguf
 from ..formats.gptq import gptq_tensors, int_layer_from_gptq, write_gptq
 from ..formats.peft import adapter_base_model, load_adapter, read_adapter_config, save_adapter
 from ..quant.frozen import IntLinear
-from ..quant.schemes import scheme_named
+from ..quant.schemes import scheme_named, scheme_of
 from .base import gguf_source, method_scheme, rebuild_base
 from .data import encode_all, ordered_batches, run_splits
 from .models import load_tokenizer
@@ -51,6 +51,16 @@ class MergeReport:
     error: float  # mean |logits(what was written) - logits(base + adapter)| on validation prompts
     exact_error: float | None  # the same for the exact INT merge, when the format had to round it (gptq)
     bytes_written: int
+    # per layer merged in its own format: (its format, ||W_written - W_trained|| / ||W_trained - W_base||, the
+    # share of the adapter's update the format could not hold: 0 for an exact merge)
+    layer_errors: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    def by_format(self) -> dict[str, tuple[int, float, float]]:
+        """format -> (layers, mean and max share of the update lost)."""
+        out: dict[str, list[float]] = {}
+        for kind, error in self.layer_errors.values():
+            out.setdefault(kind, []).append(error)
+        return {k: (len(v), sum(v) / len(v), max(v)) for k, v in sorted(out.items())}
 
     def __str__(self) -> str:
         what = {"hf": f"Hugging Face folder ({self.dtype})", "gguf": "GGUF", "gptq": "GPTQ folder"}.get(
@@ -62,6 +72,8 @@ class MergeReport:
         text += f"adapted model on {self.prompts} validation prompts: {self.error:.5f}"
         if self.exact_error is not None:
             text += f" (the exact merge before this format's rounding: {self.exact_error:.5f})"
+        for kind, (n, mean, worst) in self.by_format().items():
+            text += f"\n  {n} layers in {kind}: share of the update the format lost: mean {mean:.4f}, max {worst:.4f}"
         return text
 
 
@@ -136,10 +148,35 @@ def merge_run(
             load_adapter(plain, tmp)
         error = _mean_abs_delta(_logits(plain, batches), reference)
         return MergeReport(out, format, dtype, None, n_prompts, error, None, _size(out))
+    layer_errors = _merge_in_format(base)
     merged = merge(base)
     if requantize:
         scheme_named(requantize, REQUANTIZE_GROUP).quantize_model(merged)
-    return _write_merged(merged, tokenizer, out, format, dtype, requantize, batches, reference, model_name)
+    report = _write_merged(merged, tokenizer, out, format, dtype, requantize, batches, reference, model_name)
+    report.layer_errors = layer_errors
+    return report
+
+
+@torch.no_grad()
+def _merge_in_format(model: nn.Module) -> dict[str, tuple[str, float]]:
+    """Merge every adapter that its base takes in its own format (exactly or to the nearest), measuring for each
+    layer the share of the update the stored format lost."""
+    errors = {}
+    for name, layer in lora_layers(model).items():
+        if layer.active is None or not layer.merges_in_format():
+            continue
+        base = layer.base
+        scheme = scheme_of(base)
+        before = scheme.dequantize(base)
+        trained = layer.adapters[layer.active]
+        update = trained.delta_weight().to(before.device)
+        if trained.trains_constants:  # the layer computed with its trained constants: that weight was trained
+            update = base.adjusted_weight(torch.float32, trained.gamma, trained.delta) - before + update
+        layer.merge()
+        written = scheme.dequantize(base)
+        lost = float((written - before - update).norm() / update.norm().clamp(min=1e-30))
+        errors[name] = (scheme.describe(), lost)
+    return errors
 
 
 def _check_options(format: str, dtype: str, requantize: str | None, prompts: int) -> None:
