@@ -196,8 +196,6 @@ def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.
     Raises:
         LoraqError: a linear layer of the model is in no GGUF type, or the model does not match the file.
     """
-    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
-
     from ..quant.schemes import scheme_of
 
     reader = open_gguf(source)
@@ -227,6 +225,16 @@ def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.
     layers = [m for m in modules.values() if isinstance(m, FrozenQuantized)]
     if len(blocks) != len(layers):
         raise LoraqError(f"{source} has {len(blocks)} linear layers, the model {len(layers)}: not its source file")
+    return copy_gguf(reader, out, {name: (blocks[name], types[name]) for name in blocks})
+
+
+def copy_gguf(reader, out: str | os.PathLike, replace: dict[str, tuple[np.ndarray, str]]) -> Path:
+    """Write the GGUF `reader` holds again, every field and tensor as it is but the tensors in `replace`
+    (name -> (data, type name: "Q4_K", "F32" ...)). Written under a temporary name and renamed when complete;
+    with nothing replaced the copy is byte-identical."""
+    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+
+    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -244,9 +252,8 @@ def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.
                 value = field.contents()
             writer.add_key_value(field.name, value, main, sub_type=sub)
         for t in reader.tensors:
-            data = blocks.get(t.name, t.data)
-            raw_dtype = GGMLQuantizationType[types[t.name]] if t.name in blocks else t.tensor_type
-            writer.add_tensor(t.name, data, raw_dtype=raw_dtype)
+            data, type_name = replace.get(t.name, (t.data, t.tensor_type.name))
+            writer.add_tensor(t.name, data, raw_dtype=GGMLQuantizationType[type_name])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -1,0 +1,166 @@
+"""Fine-tune the GGUF people download, and let llama.cpp itself check the file loraq writes back.
+
+    .venv/bin/python bench/gguf_llama_cpp.py [--steps 40] [--type Q4_K_M]
+
+1. llama-cpp-python from the package registry (built from source, ~5 minutes on 2 cores, once; bench-only).
+2. The default model's Q4_K_M made by llama.cpp's own quantizer from its Q4_1 GGUF (allow_requantize), the way
+   people make them: most of this model's rows are 576 wide, not a multiple of 256, so llama.cpp falls back to
+   Q5_0 / Q8_0 there and keeps Q4_K / Q6_K where it can.
+3. QA-LoRA on that file's own codes (--steps, the demo's options), merged back into each tensor's own type
+   (`loraq merge --format gguf`): per type, the share of the update the type could not hold; the written
+   file's mean |delta logits| against the trained model on held-out prompts; types and size against the input.
+4. The conventional path on the same adapter: the merged weights written as F32 and re-quantized by llama.cpp
+   to the same preset; its mean |delta logits| against the trained model, from the same prompts.
+5. llama.cpp loads the written file: for every linear tensor ggml's own dequantize_row_* equals loraq's merged
+   weights, and it generates an answer to a held-out prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRESETS = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+           "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # fmt: skip
+
+
+def llama_cpp():
+    try:
+        return importlib.import_module("llama_cpp")
+    except ImportError:
+        print("building llama-cpp-python from the package registry (once, ~5 minutes)...", flush=True)
+        start = time.perf_counter()
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", "llama-cpp-python"])
+        print(f"built in {time.perf_counter() - start:.0f} s", flush=True)
+        return importlib.import_module("llama_cpp")
+
+
+def quantize(lib, source: Path, out: Path, preset: str) -> None:
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = getattr(lib, PRESETS[preset])
+    params.allow_requantize = True
+    code = lib.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    if code != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({code})")
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    from loraq.formats.gguf import open_gguf
+
+    counts: dict[str, int] = {}
+    for t in open_gguf(path).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
+def ggml_library(lib) -> ctypes.CDLL:
+    folder = Path(lib.__file__).parent / "lib"
+    for name in ("libggml-base.so", "libggml.so"):
+        if (folder / name).is_file():
+            return ctypes.CDLL(str(folder / name))
+    raise FileNotFoundError(f"no ggml library in {folder}")
+
+
+def ggml_rows(ggml: ctypes.CDLL, blocks: np.ndarray, type_name: str, columns: int) -> np.ndarray:
+    """llama.cpp's own dequantization of a tensor's rows (dequantize_row_<type>)."""
+    fn = getattr(ggml, f"dequantize_row_{type_name.lower().replace('_k', '_K')}")
+    data = np.ascontiguousarray(blocks)
+    out = np.empty(data.shape[0] * columns, dtype=np.float32)
+    fn(data.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(out.size))
+    return out.reshape(data.shape[0], columns)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--type", default="Q4_K_M", choices=sorted(PRESETS))
+    ap.add_argument("--out", default="runs/bench-gguf")
+    args = ap.parse_args()
+
+    import loraq
+    from loraq.core.inject import lora_layers
+    from loraq.formats.gguf import ARCHITECTURES, GgufLayers, copy_gguf, hf_linear_name, open_gguf, rows_to_gguf
+    from loraq.product.base import rebuild_base
+    from loraq.product.demo import DEMO_CONFIG
+    from loraq.product.export import _logits, _mean_abs_delta, _validation_batches, merge_run
+    from loraq.product.fetch import SMOLLM2_GGUF, fetch
+    from loraq.product.models import load_tokenizer
+    from loraq.product.run_folder import RunFolder
+    from loraq.quant.schemes.gguf import GgufCodes
+
+    lib = llama_cpp()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = fetch(SMOLLM2_GGUF)
+    made = out / f"smollm2-135m.{args.type}.gguf"
+    if not made.is_file():
+        quantize(lib, source, made, args.type)
+    print(f"{made.name}: {made.stat().st_size / 2**20:.1f} MiB, tensors {tensor_types(made)}", flush=True)
+
+    options = {**DEMO_CONFIG, "steps": args.steps, "eval_every": 0}
+    config = loraq.TrainConfig(model=str(made), out=str(out / "run"), overwrite=True, **options)
+    result = loraq.train(config, progress=False)
+    written = out / f"tuned.{args.type}.gguf"
+    report = merge_run(result.out, written, format="gguf", prompts=16)
+    print(report, flush=True)
+    print(f"written: {written.stat().st_size / 2**20:.1f} MiB (input {made.stat().st_size / 2**20:.1f} MiB), "
+          f"tensors {tensor_types(written)}", flush=True)  # fmt: skip
+
+    # the conventional path: the trained weights in F32, re-quantized by llama.cpp to the same preset
+    tokenizer = load_tokenizer(str(made))
+    run = RunFolder(result.out)
+    base, _ = rebuild_base(run, str(made), tokenizer)
+    loraq.load_adapter(base, run.adapter_dir)
+    batches = _validation_batches(tokenizer, None, run.read_config(), 16)
+    reference = _logits(base, batches)
+    reader = open_gguf(made)
+    arch = reader.fields["general.architecture"].contents()
+    names = {hf_linear_name(t.name, arch): t.name for t in reader.tensors if hf_linear_name(t.name, arch)}
+    heads = {"q_proj": base.config.num_attention_heads, "k_proj": base.config.num_key_value_heads}
+    replace = {}
+    for name, layer in lora_layers(base).items():
+        weight = layer.base.dequantize() + layer.adapters["default"].delta_weight()
+        h = heads.get(name.rsplit(".", 1)[-1]) if ARCHITECTURES[arch][1] else None
+        replace[names[name]] = ((rows_to_gguf(weight, h) if h else weight).numpy(), "F32")
+    f32 = copy_gguf(reader, out / "trained.F32.gguf", replace)
+    conventional = out / f"conventional.{args.type}.gguf"
+    quantize(lib, f32, conventional, args.type)
+    requantized, _ = loraq.load_model(str(made), quantize_layer=GgufCodes(conventional).quantize_layer)
+    conv_error = _mean_abs_delta(_logits(requantized, batches), reference)
+    size = conventional.stat().st_size / 2**20
+    print(f"conventional path (merge in F32, llama.cpp re-quantizes to {args.type}): mean |delta logits| "
+          f"{conv_error:.5f}, {size:.1f} MiB, tensors {tensor_types(conventional)}")  # fmt: skip
+
+    # llama.cpp checks the written file: its own dequantization of every linear tensor, then a generation
+    ggml = ggml_library(lib)
+    layers = GgufLayers(written)
+    merged, _ = loraq.load_model(str(made), quantize_layer=GgufCodes(written).quantize_layer)
+    worst = 0.0
+    for name, t in layers.tensors.items():
+        theirs = ggml_rows(ggml, t.data, t.tensor_type.name, int(t.shape[0]))
+        ours = merged.get_submodule(name).dequantize()
+        h = heads.get(name.rsplit(".", 1)[-1]) if ARCHITECTURES[arch][1] else None
+        ours = (rows_to_gguf(ours, h) if h else ours).numpy()
+        worst = max(worst, float(np.abs(theirs - ours).max()))
+    print(f"llama.cpp dequantize_row_* vs loraq on {len(layers.tensors)} tensors: max difference {worst}")
+    prompt = _held_out_prompt()
+    model = lib.Llama(model_path=str(written), n_ctx=512, verbose=False)
+    answer = model.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=48, temperature=0)
+    print(f"llama.cpp on the written file:\n  {prompt}\n  -> {answer['choices'][0]['message']['content']}")
+
+
+def _held_out_prompt() -> str:
+    from loraq.product.data import load_examples, split_by_group
+
+    return split_by_group(load_examples("e2e")).test[0].prompt
+
+
+if __name__ == "__main__":
+    main()
