@@ -240,3 +240,14 @@ def test_unknown_architecture_and_type_are_named_before_any_work(tmp_path):
     with pytest.raises(LoraqError, match=r"b.gguf: tensor blk.0.attn_v.weight is F32, a type loraq cannot train on "
                        r"\(architecture llama"):  # fmt: skip
         GgufLayers(tmp_path / "b.gguf")
+
+
+def test_a_truncated_file_names_the_tensor_past_its_end(tmp_path):
+    writer = GGUFWriter(tmp_path / "t.gguf", arch="llama")
+    for name in ("blk.0.attn_v.weight", "blk.0.attn_q.weight"):
+        writer.add_tensor(name, np.zeros((4, 40), dtype=np.uint8), raw_dtype=GGMLQuantizationType.Q4_1)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    data = (tmp_path / "t.gguf").read_bytes()
+    (tmp_path / "t.gguf").write_bytes(data[:-50])
+    with pytest.raises(LoraqError, match=r"t.gguf: not a readable GGUF file .*tensor blk.0.attn_q.weight's data ends"):
+        GgufLayers(tmp_path / "t.gguf")

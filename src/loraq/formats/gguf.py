@@ -59,14 +59,31 @@ BLOCK = 32
 
 
 def open_gguf(path: str | os.PathLike):
-    """A gguf.GGUFReader for `path`; a missing, truncated or malformed file is named in a LoraqError."""
-    from gguf import GGUFReader
+    """A gguf.GGUFReader for `path`; a missing, truncated or malformed file is named in a LoraqError (with the
+    tensor, where one tensor's data lies past the end of the file or its type is unknown)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class Reader(GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            for field in fields:  # check every tensor's extent before the reader maps any of them
+                _, name, _, dims, raw_type, offset = field.parts
+                name = bytes(name).decode("utf-8", "replace")
+                try:
+                    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+                except (ValueError, KeyError):
+                    raise ValueError(f"tensor {name} has an unknown type {int(raw_type[0])}") from None
+                end = start_offs + int(offset[0]) + int(np.prod(dims)) * size // block
+                if end > len(self.data):
+                    raise ValueError(
+                        f"tensor {name}'s data ends at byte {end}, past the end of the file ({len(self.data)})"
+                    )
+            super()._build_tensors(start_offs, fields)
 
     path = Path(path)
     if not path.is_file():
         raise LoraqError(f"GGUF file {path} does not exist")
     try:
-        return GGUFReader(path)
+        return Reader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
         raise LoraqError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
