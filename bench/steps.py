@@ -5,6 +5,7 @@ setups alternate for --rounds rounds; the report gives medians and ratios to the
 
     .venv/bin/python bench/steps.py                       # loraq-lora vs peft-lora
     .venv/bin/python bench/steps.py --setups loraq-qlora,loraq-lora,peft-lora,peft-qlora
+    .venv/bin/python bench/steps.py --setups loraq-lora,loraq-qlora,loraq-qalora,loraq-constants
 
 Batch 4 x 256 tokens, r=16 on all 7 projections, loss on every token, AdamW on the adapter.
 """
@@ -33,7 +34,7 @@ def batch_of_text(tokenizer, batch: int, seq: int):
     return torch.tensor(ids).view(batch, seq)
 
 
-SETUPS = ("loraq-lora", "loraq-qlora", "peft-lora", "peft-qlora")
+SETUPS = ("loraq-lora", "loraq-qlora", "loraq-qalora", "loraq-constants", "peft-lora", "peft-qlora")
 
 
 def load(which: str, rank: int):
@@ -42,10 +43,13 @@ def load(which: str, rank: int):
     import loraq
 
     if which.startswith("loraq"):
-        # QLoRA quantizes while loading (NF4 + double quantization, blocksize 64), as `loraq train` does
-        method = "qlora" if which == "loraq-qlora" else "lora"
-        model, tokenizer = loraq.load_model("smollm2-135m", method=method)
-        loraq.apply(model, loraq.LoraConfig(r=rank, alpha=2 * rank, targets=PROJECTIONS))
+        # the base is built while loading, as `loraq train` does: NF4 + double quantization, blocksize 64, or
+        # the GGUF's own INT4 g32 codes; "constants" trains the groups' scales and offsets alone
+        method = {"loraq-lora": "lora", "loraq-qlora": "qlora"}.get(which, "qalora")
+        options = {"r": 0, "train_constants": "both"} if which == "loraq-constants" else {"r": rank}
+        config = loraq.LoraConfig(alpha=2 * rank, targets=PROJECTIONS, method=method, **options)
+        model, tokenizer = loraq.load_model("smollm2-135m", method=config)
+        loraq.apply(model, config)
         return model, tokenizer
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
