@@ -98,8 +98,8 @@ def build_base(
 
 
 def _already_built(model: nn.Module, scheme: Scheme) -> bool:
-    """Whether the model's linear layers are already stored as `scheme` stores them (or, for LoRA, in any
-    format: plain LoRA trains on whatever base it is given)."""
+    """Whether there is nothing to build: plain LoRA trains on whatever base it is given, and a model already
+    quantized is kept as it is (`apply` then checks that its format is the method's)."""
     if not scheme.quantized:
         return True
     for name in linear_module_names(model):

@@ -66,9 +66,16 @@ class Scheme:
     def check(self, name: str, shape: tuple[int, int]) -> None:
         """Raise a LoraqError naming the option if a layer of `shape` cannot take this scheme."""
 
-    def quantize_layer(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        """The frozen layer for `weight` (out, in), made on the weight's device (CPU or CUDA)."""
+    def quantize_layer(
+        self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, statistic: torch.Tensor | None = None
+    ) -> nn.Module:
+        """The frozen layer for `weight` (out, in), made on the weight's device (CPU or CUDA); `statistic` is
+        the layer's entry of `calibrate` for a scheme that calibrates."""
         raise NotImplementedError
+
+    def calibrate(self, model: nn.Module, names: list[str], calibration: Iterable[dict] | None) -> dict:
+        """Per-layer statistics the scheme quantizes with (GPTQ: each layer's Σxᵀx); {} for one that needs none."""
+        return {}
 
     def quantize_model(self, model: nn.Module, calibration: Iterable[dict] | None = None) -> dict[str, float]:
         """Replace every linear layer but the output head by this scheme's frozen layer, one layer at a time
@@ -81,11 +88,13 @@ class Scheme:
             raise LoraqError("quantize: the model has no linear layers besides the output head")
         for name in names:
             self.check(name, layer_shape(model.get_submodule(name)))
+        statistics = self.calibrate(model, names, calibration)
         errors: dict[str, float] = {}
         for name in names:
             layer = model.get_submodule(name)
             weight = linear_weight(layer).detach()
-            new = self.quantize_layer(name, weight, None if layer.bias is None else layer.bias.detach())
+            bias = None if layer.bias is None else layer.bias.detach()
+            new = self.quantize_layer(name, weight, bias, statistics.pop(name, None))
             errors[name] = relative_error(weight, new.dequantize())
             replace_module(model, name, new)
         for p in model.parameters():

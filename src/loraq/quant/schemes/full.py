@@ -25,7 +25,7 @@ class FullPrecision(Scheme):
     def bits_per_param(self, in_features: int) -> float:
         return 32.0
 
-    def quantize_layer(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    def quantize_layer(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, statistic=None) -> nn.Module:
         raise NotImplementedError("a full-precision base is not quantized")
 
     def quantize_model(self, model: nn.Module, calibration=None) -> dict[str, float]:

@@ -94,7 +94,7 @@ class GgufCodes(IntRTN):
             self._layers = GgufLayers(self.source)
         return self._layers
 
-    def quantize_layer(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    def quantize_layer(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, statistic=None) -> nn.Module:
         stored = self.layers().get(name)
         if stored is None:
             self.requantized.append(name)

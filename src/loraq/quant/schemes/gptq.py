@@ -8,11 +8,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ...core.layers import layer_shape, linear_weight, quantizable_linear_names, replace_module
 from ...errors import LoraqError
 from ..frozen import IntLinear
 from ..gptq import collect_hessians, quantize_gptq
-from ..intk import relative_error
 from .intk import IntRTN
 
 
@@ -23,29 +21,21 @@ class IntGPTQ(IntRTN):
     def describe(self) -> str:
         return f"GPTQ INT{self.bits} g{self.group_size}"
 
-    def quantize_layer(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        raise LoraqError(
-            "--quantizer gptq needs calibration data; quantize the model with "
-            "loraq.quantize(model, config, calibration=batches) (batches of input_ids and attention_mask)"
-        )
+    def quantize_layer(
+        self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, statistic: torch.Tensor | None = None
+    ) -> nn.Module:
+        if statistic is None:
+            raise LoraqError(
+                "--quantizer gptq needs calibration data; quantize the model with "
+                "loraq.quantize(model, config, calibration=batches) (batches of input_ids and attention_mask)"
+            )
+        codes, scale, offset = quantize_gptq(weight.float(), statistic, self.bits, self.group_size)
+        return IntLinear(codes, scale, offset, self.bits, bias)
 
-    def quantize_model(self, model: nn.Module, calibration: Iterable[dict] | None = None) -> dict[str, float]:
+    def calibrate(self, model: nn.Module, names: list[str], calibration: Iterable[dict] | None) -> dict:
         if calibration is None:
             self.quantize_layer("", torch.empty(0, 0), None)  # raises, naming the function that takes data
-        names = quantizable_linear_names(model)
-        for name in names:
-            self.check(name, layer_shape(model.get_submodule(name)))
         hessians = collect_hessians(model, names, calibration)
         if not any(float(h.diagonal().sum()) > 0 for h in hessians.values()):
             raise LoraqError("--quantizer gptq: the calibration data is empty (no unpadded token)")
-        errors: dict[str, float] = {}
-        for name in names:
-            layer = model.get_submodule(name)
-            weight = linear_weight(layer).detach().float()
-            codes, scale, offset = quantize_gptq(weight, hessians.pop(name), self.bits, self.group_size)
-            new = IntLinear(codes, scale, offset, self.bits, None if layer.bias is None else layer.bias.detach())
-            errors[name] = relative_error(weight, new.dequantize())
-            replace_module(model, name, new)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return errors
+        return hessians

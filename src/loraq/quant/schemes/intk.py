@@ -47,7 +47,7 @@ class IntRTN(Scheme):
         except ValueError as e:
             raise LoraqError(f"{'--bits' if 'bits must' in str(e) else '--group-size'}: {e}") from None
 
-    def quantize_layer(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    def quantize_layer(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, statistic=None) -> nn.Module:
         self.check(name, tuple(weight.shape))
         return IntLinear(*quantize_rtn(weight, self.bits, self.group_size), self.bits, bias)
 

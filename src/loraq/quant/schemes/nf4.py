@@ -41,7 +41,7 @@ class NF4(Scheme):
             return 4 + 8 / self.blocksize + 32 / (self.blocksize * NESTED_BLOCKSIZE)
         return 4 + 32 / self.blocksize
 
-    def quantize_layer(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    def quantize_layer(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, statistic=None) -> nn.Module:
         packed, state = quantize_4bit(weight, self.blocksize, self.quant_type, self.double_quant)
         return NF4Linear(packed, state, bias)
 
