@@ -32,15 +32,19 @@ def test_a_gpu_without_bf16_gets_fp16_or_a_clear_message(two_gpus_without_bf16):
         resolve_device(TrainConfig(device="cuda", compute_dtype="bf16"))
 
 
-def test_the_frozen_base_goes_to_16_bits_and_the_adapter_stays_fp32(tiny):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_the_frozen_base_goes_to_16_bits_and_the_adapter_stays_fp32(tiny, method):
     model, _ = tiny
-    loraq.apply(model, LoraConfig(r=2, method="qlora"))
-    frozen_to(model, torch.bfloat16)
+    frozen_to(model, torch.bfloat16)  # as train does on a GPU, before the adapter exists
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    loraq.apply(model, LoraConfig(r=2, method=method))
+    frozen_to(model, torch.bfloat16)  # a model handed in with its adapter: the adapter stays
     for name, p in model.named_parameters():
         expected = torch.float32 if p.requires_grad else torch.bfloat16
         assert p.dtype == expected, name
-    absmax = next(m for m in model.modules() if hasattr(m, "nested_absmax")).nested_absmax
-    assert absmax.dtype == torch.float32  # quantization constants are buffers: untouched
+    if method == "qlora":
+        absmax = next(m for m in model.modules() if hasattr(m, "nested_absmax")).nested_absmax
+        assert absmax.dtype == torch.float32  # quantization constants are buffers: untouched
 
 
 def test_without_triton_cuda_takes_the_pytorch_path_with_one_line(monkeypatch, capsys):

@@ -170,9 +170,9 @@ def _build_model(
     model, _, quant_errors = build_base(
         config.model, config.lora, calibration, tokenizer.pad_token_id, model, tokenizer, device
     )
-    model.to(device)
     if device.type == "cuda":
-        frozen_to(model, dtype)  # the frozen base in 16 bits on a GPU; adapters and AdamW state stay fp32
+        frozen_to(model, dtype)  # the frozen base in 16 bits on a GPU (cast before it moves there)
+    model.to(device)
     _attach_adapter(model, config)
     if config.grad_checkpoint:
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -195,10 +195,11 @@ def _build_model(
 
 
 def frozen_to(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast every frozen floating-point parameter (embeddings, norms, full-precision weights, biases) to
-    `dtype`; adapters stay as they are, and quantized layers keep their codes and constants (buffers)."""
+    """Cast every floating-point parameter of the base (embeddings, norms, full-precision weights, biases) to
+    `dtype`; adapters (and so their AdamW state) stay fp32, and quantized layers keep their codes and constants
+    (buffers)."""
     for name, p in model.named_parameters():
-        if not p.requires_grad and p.is_floating_point() and ".adapters." not in name:
+        if p.is_floating_point() and ".adapters." not in name:
             p.data = p.data.to(dtype)
 
 
