@@ -57,7 +57,7 @@ class _FrozenMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: FrozenQuantized) -> torch.Tensor:
         ctx.layer = layer
-        kernels = _kernels_for(x)
+        kernels = _kernels_for(x) if layer.has_kernels else None
         if kernels is not None and x.numel() <= kernels.GEMV_MAX_ROWS * layer.in_features:
             return kernels.gemv(x, layer)  # decoding: never writes the weight
         return F.linear(x, layer.dequantize(x.dtype, layer.workspace))
@@ -115,6 +115,7 @@ class FrozenQuantized(nn.Module):
     out_features: int
     bias: nn.Parameter | None
     workspace: Workspace | None
+    has_kernels = False  # whether quant/kernels.py computes this layer on CUDA
 
     def dequantize(self, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None) -> torch.Tensor:
         """The weight, (out, in), in `dtype`: a fresh tensor, or a view of a workspace buffer."""
@@ -137,6 +138,8 @@ class FrozenQuantized(nn.Module):
 
 class NF4Linear(FrozenQuantized):
     """A frozen linear layer stored as NF4 (or FP4) codes with optionally double-quantized block constants."""
+
+    has_kernels = True
 
     def __init__(self, packed: torch.Tensor, state: NF4State, bias: torch.Tensor | None = None):
         super().__init__()
@@ -176,6 +179,8 @@ class IntLinear(FrozenQuantized):
     w[o, j] = codes[o, j]·scale[o, g] + offset[o, g] with g = j // group_size. The offsets are where a
     QA-LoRA adapter merges (`add_to_offsets`), which leaves the codes and the storage format unchanged.
     """
+
+    has_kernels = True
 
     def __init__(
         self,
