@@ -55,11 +55,9 @@ class LoraAdapter(nn.Module):
         self.A = nn.Parameter(torch.empty(config.r, groups))
         self.B = nn.Parameter(torch.zeros(out_features, config.r))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        if config.r == 0:
-            pass
-        elif config.init == "gaussian":
+        if config.r and config.init == "gaussian":
             nn.init.normal_(self.A, std=1.0 / config.r)
-        else:
+        elif config.r:  # (rank 0: group constants alone, no low-rank update)
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         trains = config.train_constants
         self.gamma = nn.Parameter(torch.zeros(out_features, groups)) if trains in ("scale", "both") else None
