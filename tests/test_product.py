@@ -52,3 +52,13 @@ def test_plan_responds_to_method_and_checkpointing(tiny_model_dir):
     assert checkpointed.activations < lora.activations and lora.peak > lora.weights
     with pytest.raises(LoraqError, match="--method must be"):
         plan_memory(str(tiny_model_dir), "dora")
+
+
+def test_plan_counts_what_apply_trains(tiny_model_dir, tiny):
+    import loraq
+
+    model, _ = tiny
+    config = loraq.LoraConfig(r=0, method="qalora", train_constants="both")
+    loraq.apply(model, config)
+    plan = plan_memory(str(tiny_model_dir), "qalora", 4, 64, rank=0, train_constants="both")
+    assert plan.trainable_params == loraq.parameter_summary(model).trainable

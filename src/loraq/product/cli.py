@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=32, help="qalora group size (default: 32)")
     p.add_argument("--grad-checkpoint", action="store_true", help="with gradient checkpointing")
     p.add_argument("--loss-fraction", type=float, default=1.0, help="share of positions with a loss (default: 1)")
+    p.add_argument("--train-constants", default="none", help="qalora: also the groups' scale, offset or both")
 
     p = sub.add_parser("demo", help="fine-tune the default model on E2E NLG and show before/after")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
@@ -194,12 +195,12 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "plan":
         from .plan import plan_memory
 
-        if min(args.batch_size, args.seq_len, args.rank) < 1 or not 0 < args.loss_fraction <= 1:
-            raise LoraqError("--batch-size, --seq-len and --rank must be >= 1 and --loss-fraction in (0, 1]")
+        if min(args.batch_size, args.seq_len) < 1 or args.rank < 0 or not 0 < args.loss_fraction <= 1:
+            raise LoraqError("--batch-size and --seq-len must be >= 1, --rank >= 0 and --loss-fraction in (0, 1]")
         print(
             plan_memory(
                 args.model, args.method, args.batch_size, args.seq_len, args.rank, args.bits, args.group_size,
-                args.grad_checkpoint, args.loss_fraction,
+                args.grad_checkpoint, args.loss_fraction, train_constants=args.train_constants,
             )
         )  # fmt: skip
     elif args.command == "demo":

@@ -54,10 +54,12 @@ def plan_memory(
     grad_checkpoint: bool = False,
     loss_fraction: float = 1.0,
     compute_bytes: int = 4,
+    train_constants: str = "none",
 ) -> MemoryPlan:
     """Estimate peak memory of training `model` with every linear layer adapted.
 
     Args:
+        train_constants: QA-LoRA's trained group constants ("scale", "offset", "both"): out × in/group each.
         loss_fraction: the share of positions that carry a loss (loraq computes logits only there; 1.0 for
             pre-training-style loss on every token).
         compute_bytes: 4 for fp32 compute, 2 for bf16.
@@ -72,12 +74,13 @@ def plan_memory(
     if method not in METHODS:
         raise LoraqError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     try:
-        lora = LoraConfig(r=rank, method=method, bits=bits, group_size=group_size)
+        lora = LoraConfig(r=rank, method=method, bits=bits, group_size=group_size, train_constants=train_constants)
     except LoraqError as e:
         raise LoraqError(str(e).removeprefix("invalid LoRA config: ")) from None
     scheme = scheme_for(lora)
     weights = layers * int(sum(i * o * scheme.bits_per_param(i) / 8 for i, o in shapes)) + 4 * embedding
-    trainable = layers * sum(rank * (i // lora.pool + o) for i, o in shapes)
+    constants = {"none": 0, "scale": 1, "offset": 1, "both": 2}[train_constants]
+    trainable = layers * sum(rank * (i // lora.pool + o) + constants * o * (i // lora.pool) for i, o in shapes)
     tokens = batch_size * seq_len
     per_block = tokens * (BLOCK_FLOATS_PER_HIDDEN * h + BLOCK_FLOATS_PER_FFN * f) * compute_bytes
     # with checkpointing: each block's input, plus one block's activations while it is recomputed
