@@ -126,8 +126,8 @@ def merge_run(
     base_scheme = method_scheme(model_name, lora)
     if requantize and base_scheme.quantized and base_scheme.merges_in_format(lora.pool):
         raise LoraqError(
-            f"--requantize: this adapter merges exactly into its {base_scheme.describe()} base, which stays "
-            "quantized; export it without re-quantizing"
+            f"--requantize: this adapter merges into its {base_scheme.describe()} base in that base's own format, "
+            "which stays quantized; export it without re-quantizing"
         )
     if format == "gguf" and gguf_source(model_name) is None:
         raise LoraqError(
@@ -163,7 +163,7 @@ def _merge_in_format(model: nn.Module) -> dict[str, tuple[str, float]]:
     layer the share of the update the stored format lost."""
     errors = {}
     for name, layer in lora_layers(model).items():
-        if layer.active is None or not layer.merges_in_format():
+        if layer.active is None or not layer.merges_in_format() or not scheme_of(layer.base).quantized:
             continue
         base = layer.base
         scheme = scheme_of(base)
