@@ -34,7 +34,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         elif f.name == "targets":
             parser.add_argument(flag, type=_parse_targets, default=argparse.SUPPRESS, help=help_text)
         else:
-            kind = {"int": int, "float": float}.get(f.type, str)
+            kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 

@@ -15,6 +15,19 @@ from ..errors import LoraqError
 from .models import DEFAULT_MODEL
 
 SCHEDULES = ("cosine", "linear", "constant")
+# Each method's best peak learning rate in `bench/qalora.py --sweep` (default model and data, 150 steps, batch 8,
+# r=16 alpha=32; README "Measured results"). Group constants alone (rank 0) train a scale and an offset per
+# group of 32 weights: each moves a whole group, and wants a larger step than an adapter's.
+BEST_LR = {"lora": 1e-3, "qlora": 1e-3, "qalora": 1e-3, "qalora, constants only": 1e-2}
+
+
+def default_lr(method: str, rank: int, train_constants: str) -> float:
+    """The learning rate a run gets when it names none."""
+    if method == "qalora" and rank == 0 and train_constants != "none":
+        return BEST_LR["qalora, constants only"]
+    return BEST_LR.get(method, BEST_LR["lora"])
+
+
 COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -58,7 +71,9 @@ class TrainConfig:
     steps: int = _opt(100, "optimizer steps")
     batch_size: int = _opt(8, "examples per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    lr: float = _opt(2e-4, "peak learning rate")
+    lr: float | None = _opt(
+        None, "peak learning rate (default: the method's best in bench/qalora.py --sweep, see BEST_LR)"
+    )
     schedule: str = _opt("cosine", "learning-rate schedule after warmup: cosine, linear (both to zero) or constant")
     warmup_steps: int = _opt(10, "linear warmup steps before the schedule")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -95,6 +110,8 @@ class TrainConfig:
         check(is_int(self.steps) and self.steps >= 1, f"--steps must be a positive integer, got {self.steps!r}")
         check(is_int(self.batch_size) and self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size!r}")
         check(is_int(self.grad_accum) and self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum!r}")
+        if self.lr is None:
+            self.lr = default_lr(self.method, self.rank, self.train_constants)
         check(is_num(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr!r}")
         check(
             is_int(self.warmup_steps) and self.warmup_steps >= 0,
