@@ -40,3 +40,13 @@ def test_cli_learning_rate_is_a_number():
 def test_bad_learning_rate_is_named():
     with pytest.raises(LoraqError, match="--lr must be a positive number"):
         TrainConfig(lr=-1.0)
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(files) >= 4
+    for path in files:
+        config = TrainConfig.from_yaml(path)
+        assert config.steps == 150 and config.lr > 0, path
