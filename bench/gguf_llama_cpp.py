@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 PRESETS = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
            "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # fmt: skip
@@ -123,6 +125,7 @@ def main() -> None:
     ap.add_argument("--type", default="Q4_K_M", choices=sorted(PRESETS))
     ap.add_argument("--out", default="runs/bench-gguf")
     ap.add_argument("--model", default="default", choices=["default", "gemma3-270m"])
+    ap.add_argument("--reuse", action="store_true", help="keep a finished training run in --out/run (same steps)")
     args = ap.parse_args()
 
     import loraq
@@ -149,16 +152,21 @@ def main() -> None:
 
     options = {**DEMO_CONFIG, "steps": args.steps, "eval_every": 0}
     config = loraq.TrainConfig(model=str(made), out=str(out / "run"), overwrite=True, **options)
-    result = loraq.train(config, progress=False)
+    finished = out / "run" / "summary.json"
+    if args.reuse and finished.is_file() and json.loads(finished.read_text())["steps"] == args.steps:
+        print(f"reusing the finished run in {out / 'run'}", flush=True)
+        run_out = out / "run"
+    else:
+        run_out = loraq.train(config, progress=False).out
     written = out / f"tuned.{args.type}.gguf"
-    report = merge_run(result.out, written, format="gguf", prompts=16)
+    report = merge_run(run_out, written, format="gguf", prompts=16)
     print(report, flush=True)
     print(f"written: {written.stat().st_size / 2**20:.1f} MiB (input {made.stat().st_size / 2**20:.1f} MiB), "
           f"tensors {tensor_types(written)}", flush=True)  # fmt: skip
 
     # the conventional path: the trained weights in F32, re-quantized by llama.cpp to the same preset
     tokenizer = load_tokenizer(str(made))
-    run = RunFolder(result.out)
+    run = RunFolder(run_out)
     base, _ = rebuild_base(run, str(made), tokenizer)
     loraq.load_adapter(base, run.adapter_dir)
     batches = _validation_batches(tokenizer, None, run.read_config(), 16)
@@ -169,7 +177,8 @@ def main() -> None:
     heads = {"q_proj": base.config.num_attention_heads, "k_proj": base.config.num_key_value_heads}
     replace = {}
     for name, layer in lora_layers(base).items():
-        weight = layer.base.dequantize() + layer.adapters["default"].delta_weight()
+        with torch.no_grad():  # the adapter's latent update, merged in F32
+            weight = layer.base.dequantize() + layer.adapters["default"].delta_weight()
         h = heads.get(name.rsplit(".", 1)[-1]) if ARCHITECTURES[arch][1] else None
         replace[names[name]] = ((rows_to_gguf(weight, h) if h else weight).numpy(), "F32")
     f32 = copy_gguf(reader, out / "trained.F32.gguf", replace)

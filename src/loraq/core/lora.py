@@ -105,6 +105,7 @@ class LoraLinear(nn.Module):
         self.active: str | None = None
         self.merged: str | None = None
         self.disabled = False
+        self._written: tuple[tuple, torch.Tensor | None] | None = None  # (adapter state, written_weight)
 
     @property
     def in_features(self) -> int:
@@ -134,9 +135,26 @@ class LoraLinear(nn.Module):
         if self.active is None or self.disabled or self.merged is not None:
             return self.base(x)
         adapter = self.adapters[self.active]
+        written = self._written_weight(adapter) if adapter.r else None
+        if written is not None:
+            # The base's format cannot hold every update exactly (GGUF types without free offsets): compute with
+            # the weights the merged file will hold, and pass the gradient to the adapter as if they held its
+            # update (straight-through). The model trained and validated is then the file that is written.
+            z = adapter(x).to(x.dtype)
+            bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
+            return F.linear(x, written.to(x.dtype), bias) + (z - z.detach())
         # with trained group constants the base computes with them
         y = self.base(x, adapter.gamma, adapter.delta) if adapter.trains_constants else self.base(x)
         return y + adapter(x).to(y.dtype) if adapter.r else y
+
+    def _written_weight(self, adapter: LoraAdapter) -> torch.Tensor | None:
+        # Computed again only when the adapter or the base changed (an optimizer step, a load, a merge):
+        # validation and generation reuse it.
+        tensors = (adapter.A, adapter.B, *self.base.buffers())
+        key = (id(adapter), *((t.data_ptr(), t._version) for t in tensors))
+        if self._written is None or self._written[0] != key:
+            self._written = (key, self._scheme().written_weight(self.base, adapter))
+        return self._written[1]
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -11,7 +11,10 @@ into it in the file's own type —
 - Q4_0, Q5_0, Q8_0, Q3_K, Q6_K (no offsets): by moving each sub-block's codes by the whole number of steps
   nearest to the update (clamped to the code range),
 
-and merge_run reports the logit error of the written file against the trained model.
+and merge_run reports the logit error of the written file against the trained model. Where the type cannot
+hold every update exactly, training computes with the weights the merge will write (`written_weight`), the
+gradient passed to the adapter as if they held its update (straight-through): the model trained and validated
+is then the file written, and the adapter learns updates the type can hold.
 """
 
 from __future__ import annotations
@@ -59,19 +62,26 @@ class GgufBlocks(Scheme):
     @torch.no_grad()
     def merge(self, layer: nn.Module, adapter: nn.Module, sign: float = 1.0) -> None:
         if not self.merges_in_format(adapter.pool):
-            super().merge(layer, adapter, sign)
-        q, a, b = gguf_blocks.decode(layer.blocks, self.type_name)
+            super().merge(layer, adapter, sign)  # refuses
+        layer.blocks.copy_(self.merged_blocks(layer.blocks, adapter, sign))
+
+    @torch.no_grad()
+    def written_weight(self, layer: nn.Module, adapter: nn.Module) -> torch.Tensor | None:
+        if self.exact_merge or not adapter.r or not self.merges_in_format(adapter.pool):
+            return None
+        return gguf_blocks.dequantize(self.merged_blocks(layer.blocks, adapter), self.type_name)
+
+    def merged_blocks(self, blocks: torch.Tensor, adapter: nn.Module, sign: float = 1.0) -> torch.Tensor:
+        """`blocks` with the adapter's update merged in the file's own type: what `merge` writes."""
+        q, a, b = gguf_blocks.decode(blocks, self.type_name)
         per = adapter.pool // self.kind.sub  # sub-blocks per pooled group (1 or 2)
         update = adapter.group_delta().to(a.device).repeat_interleave(per, dim=1) * sign if adapter.r else 0.0
-        blocks = layer.blocks
         if self.kind.offsets in ("free", "quantized"):  # fp16 offsets (exact to fp16), or a grid of mins
-            blocks = gguf_blocks.set_offsets(blocks, self.type_name, b + update)
-        else:
-            steps = torch.round(update / torch.where(a == 0, torch.ones_like(a), a)) * (a != 0)
-            low, high = gguf_blocks.code_range(self.type_name)
-            moved = q + steps.repeat_interleave(self.kind.sub, dim=1).to(torch.int16)
-            blocks = gguf_blocks.encode_codes(blocks, self.type_name, moved.clamp(low, high))
-        layer.blocks.copy_(blocks)
+            return gguf_blocks.set_offsets(blocks, self.type_name, b + update)
+        steps = torch.round(update / torch.where(a == 0, torch.ones_like(a), a)) * (a != 0)
+        low, high = gguf_blocks.code_range(self.type_name)
+        moved = q + steps.repeat_interleave(self.kind.sub, dim=1).to(torch.int16)
+        return gguf_blocks.encode_codes(blocks, self.type_name, moved.clamp(low, high))
 
 
 class GgufCodes(IntRTN):
