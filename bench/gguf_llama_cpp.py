@@ -137,6 +137,7 @@ def main() -> None:
     from loraq.product.fetch import SMOLLM2_GGUF, fetch
     from loraq.product.models import load_tokenizer
     from loraq.product.run_folder import RunFolder
+    from loraq.product.train import evaluate_loss
     from loraq.quant.schemes.gguf import GgufCodes
 
     lib = llama_cpp()
@@ -194,6 +195,10 @@ def main() -> None:
     ggml = ggml_library(lib)
     layers = GgufLayers(written)
     merged, _ = loraq.load_model(str(made), quantize_layer=GgufCodes(written).quantize_layer)
+    val = _validation_items(tokenizer, 128)
+    for label, model in (("written by loraq", merged), ("conventional", requantized)):
+        loss = evaluate_loss(model, val, 16, tokenizer.pad_token_id)
+        print(f"validation loss (first 128 held-out examples) of the {label} file: {loss:.4f}", flush=True)
     worst = 0.0
     for name, t in layers.tensors.items():
         theirs = ggml_rows(ggml, t.data, t.tensor_type.name, int(t.shape[0]))
@@ -206,6 +211,13 @@ def main() -> None:
     model = lib.Llama(model_path=str(written), n_ctx=512, verbose=False)
     answer = model.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=48, temperature=0)
     print(f"llama.cpp on the written file:\n  {prompt}\n  -> {answer['choices'][0]['message']['content']}")
+
+
+def _validation_items(tokenizer, n: int) -> list[dict]:
+    from loraq.product.data import encode_all, load_examples, split_by_group
+
+    items, _ = encode_all(tokenizer, split_by_group(load_examples("e2e")).val[:n], 256)
+    return items
 
 
 def _held_out_prompt() -> str:
