@@ -198,7 +198,7 @@ def main() -> None:
     val = _validation_items(tokenizer, 128)
     for label, model in (("written by loraq", merged), ("conventional", requantized)):
         loss = evaluate_loss(model, val, 16, tokenizer.pad_token_id)
-        print(f"validation loss (first 128 held-out examples) of the {label} file: {loss:.4f}", flush=True)
+        print(f"validation loss ({len(val)} held-out examples) of the {label} file: {loss:.4f}", flush=True)
     worst = 0.0
     for name, t in layers.tensors.items():
         theirs = ggml_rows(ggml, t.data, t.tensor_type.name, int(t.shape[0]))
