@@ -148,12 +148,15 @@ class LoraLinear(nn.Module):
         return y + adapter(x).to(y.dtype) if adapter.r else y
 
     def _written_weight(self, adapter: LoraAdapter) -> torch.Tensor | None:
+        scheme = self._scheme()
+        if not scheme.merge_rounds(adapter):
+            return None
         # Computed again only when the adapter or the base changed (an optimizer step, a load, a merge):
         # validation and generation reuse it.
         tensors = (adapter.A, adapter.B, *self.base.buffers())
         key = (id(adapter), *((t.data_ptr(), t._version) for t in tensors))
         if self._written is None or self._written[0] != key:
-            self._written = (key, self._scheme().written_weight(self.base, adapter))
+            self._written = (key, scheme.written_weight(self.base, adapter))
         return self._written[1]
 
     @torch.no_grad()

@@ -112,9 +112,14 @@ class Scheme:
         """Add (sign=-1: subtract) `adapter`'s update into `layer` in place; only where `merges_in_format`."""
         raise LoraqError(f"an adapter cannot be merged exactly into a {self.describe()} base; use loraq.merge(model)")
 
+    def merge_rounds(self, adapter: nn.Module) -> bool:
+        """Whether merging `adapter` in format rounds its update (so training should compute with
+        `written_weight`): False where the merge is exact or absent."""
+        return False
+
     def written_weight(self, layer: nn.Module, adapter: nn.Module) -> torch.Tensor | None:
-        """Where `merges_in_format` but not exactly: the weight, (out, in) fp32, that merging `adapter` would
-        write, so that training can compute with it (core/lora.py). None where the merge is exact or absent."""
+        """Where `merge_rounds`: the weight, (out, in) fp32, that merging `adapter` would write, so that
+        training can compute with it (core/lora.py). None elsewhere."""
         return None
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:

@@ -65,9 +65,12 @@ class GgufBlocks(Scheme):
             super().merge(layer, adapter, sign)  # refuses
         layer.blocks.copy_(self.merged_blocks(layer.blocks, adapter, sign))
 
+    def merge_rounds(self, adapter: nn.Module) -> bool:
+        return not self.exact_merge and bool(adapter.r) and self.merges_in_format(adapter.pool)
+
     @torch.no_grad()
     def written_weight(self, layer: nn.Module, adapter: nn.Module) -> torch.Tensor | None:
-        if self.exact_merge or not adapter.r or not self.merges_in_format(adapter.pool):
+        if not self.merge_rounds(adapter):
             return None
         return gguf_blocks.dequantize(self.merged_blocks(layer.blocks, adapter), self.type_name)
 
