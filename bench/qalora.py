@@ -46,6 +46,7 @@ DEFAULT_LR = {"lora": 1e-3, "qlora": 1e-3, "qalora": 1e-3, "qalora-mean": 1e-3, 
 # In this order (the QA-LoRA variants first); QLoRA's grid is LoRA's best two (its adapter is the same shape).
 SWEEP_LRS = {"qalora": (5e-4, 1e-3, 2e-3), "constants": (3e-3, 1e-2, 3e-2), "lora": (5e-4, 1e-3, 2e-3),
              "qlora": (1e-3, 2e-3)}  # fmt: skip
+# (A setup whose best is at the edge of its grid also gets the next rate past it: edge_step.)
 # Swept at the best rate of the setup named: the combinations, then the low bit widths.
 SWEEP_FOLLOW = [("offsets", 4, "constants"), ("qalora+constants", 4, "qalora"), ("qalora", 3, "qalora"),
                 ("constants", 3, "constants"), ("qalora", 2, "qalora"), ("constants", 2, "constants")]  # fmt: skip
@@ -150,6 +151,17 @@ class Bench:
                   f"({time.perf_counter() - start:.0f} s to score)", flush=True)  # fmt: skip
 
 
+def edge_step(rows: list[dict]) -> float | None:
+    """The next learning rate to try when a deployed form's best is the highest (x2) or lowest (/2) tried."""
+    tried = sorted({r["lr"] for r in rows})
+    for r in best_rows(rows):
+        if len(tried) > 1 and r["lr"] == tried[-1]:
+            return tried[-1] * 2
+        if len(tried) > 1 and r["lr"] == tried[0]:
+            return tried[0] / 2
+    return None
+
+
 def deployed_bits(row: dict) -> int | None:
     label = row["deployed"]
     return int(label[3]) if label.startswith("INT") else None
@@ -204,6 +216,13 @@ def main() -> None:
         for setup in [s for s in SWEEP_LRS if s in setups]:
             for lr in SWEEP_LRS[setup]:
                 bench.run(setup, 4, lr)
+            # a best rate at the edge of the rates tried is not known to be the best: step past it (at most twice)
+            for _ in range(2):
+                rows = [r for r in bench.done() if r["setup"] == setup and r["bits"] == 4 and r["steps"] == args.steps]
+                step = edge_step(rows)
+                if step is None:
+                    break
+                bench.run(setup, 4, step)
         for setup, bits, like in SWEEP_FOLLOW:
             rows = [r for r in bench.done() if r["setup"] == like and r["bits"] == 4 and r["steps"] == args.steps]
             if setup in setups and rows:
