@@ -41,8 +41,8 @@ SETUPS = {
     "offsets": {"method": "qalora", "rank": 0, "train_constants": "offset"},
     "qalora+constants": {"method": "qalora", "train_constants": "both"},
 }
-DEFAULT_LR = {"lora": 1e-3, "qlora": 1e-3, "qalora": 1e-3, "qalora-mean": 1e-3, "constants": 1e-2, "offsets": 1e-2,
-              "qalora+constants": 1e-3}  # fmt: skip
+DEFAULT_LR = {"lora": 2e-3, "qlora": 2e-3, "qalora": 2e-3, "qalora-mean": 1e-3, "constants": 1e-2, "offsets": 1e-2,
+              "qalora+constants": 2e-3}  # fmt: skip
 # In this order (the QA-LoRA variants first); QLoRA's grid is LoRA's best two (its adapter is the same shape).
 SWEEP_LRS = {"qalora": (5e-4, 1e-3, 2e-3), "constants": (3e-3, 1e-2, 3e-2), "lora": (5e-4, 1e-3, 2e-3),
              "qlora": (1e-3, 2e-3)}  # fmt: skip
