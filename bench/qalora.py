@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loraq.product.train_config import default_lr
+
 SETUPS = {
     "lora": {"method": "lora"},
     "qlora": {"method": "qlora"},
@@ -41,8 +43,9 @@ SETUPS = {
     "offsets": {"method": "qalora", "rank": 0, "train_constants": "offset"},
     "qalora+constants": {"method": "qalora", "train_constants": "both"},
 }
-DEFAULT_LR = {"lora": 2e-3, "qlora": 2e-3, "qalora": 2e-3, "qalora-mean": 1e-3, "constants": 1e-2, "offsets": 1e-2,
-              "qalora+constants": 2e-3}  # fmt: skip
+# each setup's default: what `loraq train` picks for it (BEST_LR); mean pooling keeps the rate it was measured at
+DEFAULT_LR = {name: default_lr(o["method"], o.get("rank", 16), o.get("train_constants", "none"))
+              for name, o in SETUPS.items()} | {"qalora-mean": 1e-3}  # fmt: skip
 # In this order (the QA-LoRA variants first); QLoRA's grid is LoRA's best two (its adapter is the same shape).
 SWEEP_LRS = {"qalora": (5e-4, 1e-3, 2e-3), "constants": (3e-3, 1e-2, 3e-2), "lora": (5e-4, 1e-3, 2e-3),
              "qlora": (1e-3, 2e-3)}  # fmt: skip
@@ -91,6 +94,10 @@ class Bench:
         if not self.results.is_file():
             return []
         return [json.loads(line) for line in self.results.read_text().splitlines() if line.strip()]
+
+    def rows(self, setup: str, bits: int) -> list[dict]:
+        """The finished results of `setup` at `bits` and this bench's step count."""
+        return [r for r in self.done() if r["setup"] == setup and r["bits"] == bits and r["steps"] == self.steps]
 
     def has(self, setup: str, bits: int, lr: float) -> bool:
         return any(r["setup"] == setup and r["bits"] == bits and r["lr"] == lr and r["steps"] == self.steps
@@ -218,13 +225,12 @@ def main() -> None:
                 bench.run(setup, 4, lr)
             # a best rate at the edge of the rates tried is not known to be the best: step past it (at most twice)
             for _ in range(2):
-                rows = [r for r in bench.done() if r["setup"] == setup and r["bits"] == 4 and r["steps"] == args.steps]
-                step = edge_step(rows)
+                step = edge_step(bench.rows(setup, 4))
                 if step is None:
                     break
                 bench.run(setup, 4, step)
         for setup, bits, like in SWEEP_FOLLOW:
-            rows = [r for r in bench.done() if r["setup"] == like and r["bits"] == 4 and r["steps"] == args.steps]
+            rows = bench.rows(like, 4)
             if setup in setups and rows:
                 bench.run(setup, bits, min(rows, key=lambda r: r["val_loss"])["lr"])
     elif not args.table:
