@@ -11,6 +11,7 @@ import loraq
 from loraq import LoraConfig, LoraqError, TrainConfig
 from loraq.product.device import resolve_device
 from loraq.product.train import frozen_to
+from loraq.quant.frozen import quantized_tensor_ids
 
 
 @pytest.fixture
@@ -32,19 +33,26 @@ def test_a_gpu_without_bf16_gets_fp16_or_a_clear_message(two_gpus_without_bf16):
         resolve_device(TrainConfig(device="cuda", compute_dtype="bf16"))
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "qalora"])
 def test_the_frozen_base_goes_to_16_bits_and_the_adapter_stays_fp32(tiny, method):
     model, _ = tiny
     frozen_to(model, torch.bfloat16)  # as train does on a GPU, before the adapter exists
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     loraq.apply(model, LoraConfig(r=2, method=method))
     frozen_to(model, torch.bfloat16)  # a model handed in with its adapter: the adapter stays
+    constants = quantized_tensor_ids(model)
     for name, p in model.named_parameters():
         expected = torch.float32 if p.requires_grad else torch.bfloat16
-        assert p.dtype == expected, name
+        if id(p) in constants:  # codes and constants: exactly as stored (uint8, fp16 scales, fp32 absmax)
+            assert p.dtype in (torch.uint8, torch.float16, torch.float32) and not p.requires_grad, name
+        else:
+            assert p.dtype == expected, name
     if method == "qlora":
         absmax = next(m for m in model.modules() if hasattr(m, "nested_absmax")).nested_absmax
-        assert absmax.dtype == torch.float32  # quantization constants are buffers: untouched
+        assert absmax.dtype == torch.float32
+    if method == "qalora":
+        scale = next(m for m in model.modules() if hasattr(m, "scale") and hasattr(m, "packed")).scale
+        assert scale.dtype == torch.float16  # a cast to bf16 would change every weight
 
 
 def test_without_triton_cuda_takes_the_pytorch_path_with_one_line(monkeypatch, capsys):

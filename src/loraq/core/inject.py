@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraqError
-from ..quant.frozen import FrozenQuantized
+from ..quant.frozen import FrozenQuantized, quantized_tensor_ids
 from ..quant.schemes import Scheme, scheme_for, scheme_of
 from .config import LoraConfig
 from .layers import is_plain_linear, plain_linear, replace_module
@@ -226,7 +226,8 @@ class ParameterSummary:
 
 def parameter_summary(model: nn.Module) -> ParameterSummary:
     """Trainable vs total parameters (tied weights counted once, 4-bit weights by their element count)."""
-    seen: set[int] = set()
+    # a quantized layer's codes and constants count as the weight they stand for, not by their own sizes
+    seen = quantized_tensor_ids(model)
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
@@ -234,7 +235,6 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    # a 4-bit layer holds its weight in buffers; count it as the parameters it stands for
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, FrozenQuantized))
     return ParameterSummary(trainable, total)
 

@@ -153,7 +153,7 @@ class LoraLinear(nn.Module):
             return None
         # Computed again only when the adapter or the base changed (an optimizer step, a load, a merge):
         # validation and generation reuse it.
-        tensors = (adapter.A, adapter.B, *self.base.buffers())
+        tensors = (adapter.A, adapter.B, *self.base.quantized_tensors().values())
         key = (id(adapter), *((t.data_ptr(), t._version) for t in tensors))
         if self._written is None or self._written[0] != key:
             self._written = (key, scheme.written_weight(self.base, adapter))

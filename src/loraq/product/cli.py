@@ -122,14 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .distributed import rank_prefix, shutdown  # (after parsing: --help needs no torch)
+
     try:
         return _run(args)
     except LoraqError as e:
-        print(f"loraq: error: {e}", file=sys.stderr)
+        print(f"loraq: error: {rank_prefix()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("loraq: interrupted", file=sys.stderr)
+        print(f"loraq: {rank_prefix()}interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
 
 
 def _run(args: argparse.Namespace) -> int:

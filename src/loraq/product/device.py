@@ -1,5 +1,5 @@
-"""Where a run computes: the device and compute dtype (checked against the machine), mixed precision, and the
-process group when started by torchrun."""
+"""Where a run computes: the device and compute dtype (checked against the machine) and mixed precision.
+Several processes under torchrun are distributed.py's."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import contextlib
 import os
 
 import torch
-from torch import nn
 
 from ..errors import LoraqError
 from .train_config import TrainConfig
@@ -68,31 +67,3 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def init_distributed(config: TrainConfig) -> tuple[int, int]:
-    """(rank, world size): one process unless started by torchrun (WORLD_SIZE > 1), then the process group
-    (nccl on CUDA, gloo on CPU) is joined here."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available() and config.device != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def all_reduce_gradients(params: list[nn.Parameter], step_loss: float, device: torch.device) -> float:
-    """Sum every adapter gradient and the loss over the processes: each process computed its rows' share of
-    the token-weighted loss of the same global batch, so the sums are the single-process values."""
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-    total = torch.tensor([step_loss], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return float(total)

@@ -5,6 +5,10 @@ A checkpoint is a folder `checkpoints/step-NNNNNN/` in the run folder, written a
 the RNG states) and `trainer.json` (the step, AdamW's scalar state, the learning-rate schedule position).
 Resuming restores all of it and skips the batches already seen, so the next steps compute exactly what
 the uninterrupted run would have. The two most recent checkpoints are kept.
+
+Under several processes (FSDP2) the tensors are gathered whole before they are written (every rank takes part,
+rank 0 writes), and cut again to each rank's shard when read: the files are those of one process, so a run
+saved by 2 processes resumes in 1, and the reverse.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 
 from ..atomic import atomic_folder
 from ..errors import LoraqError
+from .distributed import full_tensor, shard_like
 
 KEEP = 2
 
@@ -28,19 +33,26 @@ def checkpoint_dir(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step-{step:06d}"
 
 
-def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
-    """Write the checkpoint of `step` (atomically) and drop all but the newest KEEP."""
+def save_checkpoint(
+    out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, write: bool = True
+) -> Path:
+    """Write the checkpoint of `step` (atomically) and drop all but the newest KEEP.
+
+    Under several processes every rank calls this (the sharded tensors are gathered) and only the one with
+    `write` writes."""
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    params = {names[id(p)]: p.detach().cpu().contiguous() for g in optimizer.param_groups for p in g["params"]}
+    params = {names[id(p)]: _whole(p.detach()) for g in optimizer.param_groups for p in g["params"]}
     state, scalars = {}, {}
     for index, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):
         for key, value in optimizer.state.get(p, {}).items():
             if torch.is_tensor(value) and value.dim() > 0:
-                state[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                state[f"{index}.{key}"] = _whole(value.detach())
             else:
                 scalars[f"{index}.{key}"] = float(value)
     state["rng.torch"] = torch.get_rng_state()
     target = checkpoint_dir(out, step)
+    if not write:
+        return target
     with atomic_folder(target) as tmp:
         save_file(params, str(tmp / "trainable.safetensors"))
         save_file(state, str(tmp / "optimizer.safetensors"))
@@ -48,6 +60,10 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
     for old in sorted((out / "checkpoints").glob("step-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return full_tensor(t).cpu().contiguous()
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -79,13 +95,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                 raise LoraqError(
                     f"checkpoint {path}: {name} has shape {tuple(params[name].shape)}, not {tuple(p.shape)}"
                 )
-            p.copy_(params[name])
+            p.copy_(shard_like(params[name].to(p.dtype), p))
     ordered = [p for g in optimizer.param_groups for p in g["params"]]
     for index, p in enumerate(ordered):
         entry = {}
         for key in ("exp_avg", "exp_avg_sq"):
             if f"{index}.{key}" in state:
-                entry[key] = state[f"{index}.{key}"].to(p.device)
+                entry[key] = shard_like(state[f"{index}.{key}"], p)
         if f"{index}.step" in meta["optimizer_scalars"]:
             entry["step"] = torch.tensor(meta["optimizer_scalars"][f"{index}.step"])
         if entry:

@@ -1,5 +1,5 @@
 """The training loop: AdamW on the adapter only, warmup then a schedule, clipping, accumulation, evaluation,
-checkpoints and resuming, data parallel under torchrun.
+checkpoints and resuming, and under torchrun the model sharded over the processes with FSDP2 (distributed.py).
 
 `train` reads top to bottom as named steps: check the run folder, pick the device, encode the data, build
 the base the method names and attach the adapter, record the run, restore or start, then the loop (step,
@@ -30,9 +30,20 @@ from ..core.inject import apply, parameter_summary
 from ..errors import LoraqError
 from ..formats.peft import save_adapter
 from ..quant import workspace
+from ..quant.frozen import quantized_tensor_ids
 from .base import CALIBRATION_EXAMPLES, build_base, method_scheme
 from .data import IGNORE_INDEX, RunData, encode_run_data, ordered_batches, pack, shuffled_batches
-from .device import all_reduce_gradients, autocast, init_distributed, resolve_device
+from .device import autocast, resolve_device
+from .distributed import (
+    barrier,
+    check_world,
+    full_tensor,
+    gathered_trainables,
+    init_distributed,
+    set_gradient_sync,
+    shard_model,
+    sum_over_ranks,
+)
 from .models import load_tokenizer
 from .report import write_report
 from .resume import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
@@ -56,7 +67,28 @@ class TrainResult:
 
 
 # Options that may change between a run and its resumption (they do not change what is computed).
-RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "eval_batch_size"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "eval_batch_size", "cpu_offload"}
+
+
+@dataclass
+class StepState:
+    """What every training step works with, made once by `train`: the model (sharded under torchrun), the
+    trained parameters and their optimizer, where and in what dtype it computes, and which process this is."""
+
+    config: TrainConfig
+    model: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run folder (rank 0 only)."""
+        return self.rank == 0
 
 
 def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
@@ -80,7 +112,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     run = RunFolder(config.out)
-    rank, world = init_distributed(config)
+    rank, world = init_distributed(config.device)
+    check_world(config.batch_size, world, config.cpu_offload)
     writer = rank == 0  # with several processes only rank 0 writes the run folder
     check_run_folder(run, config)
     device, dtype = resolve_device(config, rank, world)
@@ -91,16 +124,17 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     # fp16 autocast (a GPU without bf16) needs loss scaling; disabled, the scaler passes everything through
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    state = StepState(config, model, params, optimizer, scaler, device, dtype, rank, world)
     log = _MetricsLog(run, writer)
     batches = _batches(config, data, tokenizer.pad_token_id, writer)
 
     def validate() -> float:
-        return evaluate_loss(model, data.val, config.eval_batch_size, tokenizer.pad_token_id, device, dtype)
+        return evaluate_loss(
+            model, data.val, config.eval_batch_size, tokenizer.pad_token_id, device, dtype, rank=rank, world=world
+        )
 
     with workspace.attached(model), _StopOnSigint() as stop:
-        first, val_before = _restore_or_start(
-            config, run, model, optimizer, batches, log, validate, bool(data.val), writer
-        )
+        first, val_before = _restore_or_start(state, run, batches, log, validate, bool(data.val))
         val_after, losses, stopped_at = val_before, [], None
         model.train()
         bar = tqdm(range(first, config.steps), desc="train", disable=not (progress and writer), dynamic_ncols=True,
@@ -108,11 +142,11 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         for step in bar:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(config.grad_accum)]
-            loss = _forward_backward(model, micro, rank, world, device, dtype, config, step, scaler)
-            if world > 1:
-                loss = all_reduce_gradients(params, loss, device)
+            loss = _forward_backward(state, micro, step)
+            # every rank must agree on the loss (its check) and on stopping (a checkpoint is a collective)
+            loss, stopping = sum_over_ranks([loss, float(stop.requested)], device)
             _stop_unless_finite(loss, step, run)
-            record = _optimizer_step(params, optimizer, scaler, config, step, loss, micro, t0)
+            record = _optimizer_step(state, step, loss, micro, t0)
             losses.append(loss)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tok_s']:.0f}")
             done = step + 1 == config.steps
@@ -121,20 +155,21 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
                 model.train()
                 bar.write(f"step {step + 1}: val_loss {val_after:.4f}")
             log(record)
-            if writer and ((config.save_every and (step + 1) % config.save_every == 0) or done or stop.requested):
-                _checkpoint(run, step + 1, model, optimizer)
-            if stop.requested and not done:
+            if (config.save_every and (step + 1) % config.save_every == 0) or done or stopping:
+                _checkpoint(run, step + 1, state)
+            if stopping and not done:
                 stopped_at = step + 1
                 bar.write(f"loraq: interrupted; checkpoint of step {step + 1} written; continue with --resume")
                 break
         bar.close()
     model.eval()
     seconds = time.perf_counter() - start
-    if stopped_at is None and writer:
-        save_adapter(model, run.adapter_dir)
-        write_report(run.path, seconds)
-    if world > 1:
-        torch.distributed.barrier()
+    if stopped_at is None:
+        with gathered_trainables(model):  # every rank gathers the adapter; rank 0 writes it
+            if writer:
+                save_adapter(model, run.adapter_dir)
+                write_report(run.path, seconds)
+    barrier()
     return TrainResult(
         model, tokenizer, run.path, val_before, val_after, losses, seconds, data.dropped, data.truncated, stopped_at
     )
@@ -183,6 +218,8 @@ def _build_model(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if world > 1:
+        shard_model(model, device, config.cpu_offload)
     if writer:
         print(f"loraq: {parameter_summary(model)}" + (f" on {world} processes" if world > 1 else ""))
         run.write_config(config)
@@ -197,9 +234,10 @@ def _build_model(
 def frozen_to(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast every floating-point parameter of the base (embeddings, norms, full-precision weights, biases) to
     `dtype`; adapters (and so their AdamW state) stay fp32, and quantized layers keep their codes and constants
-    (buffers)."""
+    exactly as stored (a cast of an fp16 scale to bf16 would change the weights)."""
+    constants = quantized_tensor_ids(model)
     for name, p in model.named_parameters():
-        if p.is_floating_point() and ".adapters." not in name:
+        if p.is_floating_point() and ".adapters." not in name and id(p) not in constants:
             p.data = p.data.to(dtype)
 
 
@@ -229,41 +267,42 @@ def _batches(config: TrainConfig, data: RunData, pad_id: int, writer: bool) -> I
 
 
 def _restore_or_start(
-    config: TrainConfig, run: RunFolder, model, optimizer, batches, log, validate, has_val: bool, writer: bool
+    state: StepState, run: RunFolder, batches, log, validate, has_val: bool
 ) -> tuple[int, float]:
     """Resume from the last checkpoint (skipping the batches it trained on), or measure the start; return the
     first step to run and the validation loss before training."""
+    config = state.config
     checkpoint = latest_checkpoint(run.path) if config.resume else None
+    barrier()  # every rank has looked for the checkpoint before rank 0 may write a new one
     if checkpoint is None:
-        if writer:
+        if state.writer:
             run.metrics_path.unlink(missing_ok=True)
         val_before = validate() if has_val else float("nan")
         log({"step": 0, "val_loss": val_before})
         return 0, val_before
-    first = load_checkpoint(checkpoint, model, optimizer)
+    first = load_checkpoint(checkpoint, state.model, state.optimizer)
     for _ in range(first * config.grad_accum):
         next(batches)
-    if writer:
+    if state.writer:
         truncate_metrics(run.metrics_path, first)
-    print(f"loraq: resuming {run.path} from step {first}")
+        where = f" on {state.world} processes" if state.world > 1 else ""
+        print(f"loraq: resuming {run.path} from step {first}{where}")
     return first, _first_val_loss(run.metrics_path)
 
 
-def _forward_backward(
-    model, micro, rank: int, world: int, device, dtype, config: TrainConfig, step: int, scaler
-) -> float:
+def _forward_backward(state: StepState, micro: list[dict], step: int) -> float:
     """Accumulate the gradients of one optimizer step's micro-batches (this process's rows of each); return
-    the step's token-weighted loss. Out of memory ends the run with what to do about it."""
+    this process's share of the step's token-weighted loss. Out of memory ends the run with what to do."""
+    config, rank, world = state.config, state.rank, state.world
     n_total = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), 1)
     step_loss = 0.0
     try:
-        for batch in micro:
-            shard = {k: v[rank::world] for k, v in batch.items()}
-            if len(shard["input_ids"]) == 0:
-                continue
-            with autocast(device, dtype):
-                loss, _ = loss_sum(model, _to(shard, device))
-            scaler.scale(loss / n_total).backward()
+        for i, batch in enumerate(micro):
+            shard = {k: v[rank::world] for k, v in batch.items()}  # check_world: every rank has rows
+            set_gradient_sync(state.model, i == len(micro) - 1)
+            with autocast(state.device, state.dtype):
+                loss, _ = loss_sum(state.model, _to(shard, state.device))
+            state.scaler.scale(loss / n_total).backward()
             step_loss += float(loss.detach()) / n_total
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not _is_out_of_memory(e):
@@ -287,10 +326,15 @@ def _stop_unless_finite(loss: float, step: int, run: RunFolder) -> None:
     )
 
 
-def _optimizer_step(params, optimizer, scaler, config: TrainConfig, step: int, loss: float, micro, t0: float) -> dict:
+def _optimizer_step(state: StepState, step: int, loss: float, micro, t0: float) -> dict:
     """Clip, set the scheduled learning rate, step AdamW; return the step's metrics record."""
+    config, optimizer, scaler = state.config, state.optimizer, state.scaler
     scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+    grads = [p.grad for p in state.params if p.grad is not None]
+    # the norm of sharded gradients is a sum over the processes: made whole before it scales anything
+    norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))
+    torch.nn.utils.clip_grads_with_norm_(state.params, config.max_grad_norm, norm, foreach=True)
+    grad_norm = float(norm)
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -302,9 +346,9 @@ def _optimizer_step(params, optimizer, scaler, config: TrainConfig, step: int, l
     return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tok_s": tok_s}
 
 
-def _checkpoint(run: RunFolder, step: int, model, optimizer) -> None:
+def _checkpoint(run: RunFolder, step: int, state: StepState) -> None:
     try:
-        save_checkpoint(run.path, step, model, optimizer)
+        save_checkpoint(run.path, step, state.model, state.optimizer, write=state.writer)
     except OSError as e:
         last = latest_checkpoint(run.path)
         kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint exists"
@@ -383,16 +427,28 @@ def evaluate_loss(
     pad_id: int,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    rank: int = 0,
+    world: int = 1,
 ) -> float:
-    """Mean per-token loss over `items` (token-weighted, so batch size does not change it)."""
+    """Mean per-token loss over `items` (token-weighted, so batch size does not change it).
+
+    With `world` processes (a collective: every rank calls it) each takes every world-th item and the sums are
+    added up; a rank with one batch fewer runs one forward pass on a single token instead, since a sharded model
+    gathers every block from every rank in each forward pass."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     device = torch.device(device)
-    for batch in ordered_batches(items, batch_size, pad_id):
+    batches = list(ordered_batches(items[rank::world], batch_size, pad_id))
+    most = -(-len(items[::world]) // batch_size)  # rank 0 has the most items
+    for batch in batches:
         with autocast(device, dtype):
             loss, n = loss_sum(model, _to(batch, device))
         total, count = total + float(loss), count + n
+    for _ in range(most - len(batches)):
+        with autocast(device, dtype):
+            model(input_ids=torch.full((1, 1), pad_id, device=device))
+    total, count = sum_over_ranks([total, count], device) if world > 1 else (total, count)
     model.train(was_training)
     return total / max(count, 1)
 

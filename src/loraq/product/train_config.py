@@ -92,6 +92,9 @@ class TrainConfig:
     overwrite: bool = _opt(False, "replace a finished run already in --out")
     grad_checkpoint: bool = _opt(False, "gradient checkpointing: recompute activations in backward to save memory")
     device: str = _opt("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    cpu_offload: bool = _opt(
+        False, "under torchrun: keep each process's shard of the model in host memory (FSDP2 CPU offload)"
+    )
     compute_dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA only)")
     out: str = _opt("runs/run", "run folder")
     lora: LoraConfig = field(init=False, repr=False)

@@ -1,5 +1,10 @@
-"""Frozen quantized linear layers: they hold only packed codes and constants (buffers), and dequantize on
-every use.
+"""Frozen quantized linear layers: they hold only packed codes and constants, and dequantize on every use.
+
+The codes and constants are frozen parameters (requires_grad False), laid out row-major with the output rows
+first (NF4 packed (out, in/2) and absmax (out, in/blocksize); INT-k packed (out, in·bits/8), scale and offset
+(out, groups); GGUF blocks (out, bytes)), so that FSDP2 shards them by rows like any weight (it shards
+parameters, never buffers) and each process can quantize only its own rows. Files keep their own layouts:
+the schemes reshape on save and load.
 
 The matmul is one autograd.Function shared by every format: it dequantizes again in backward instead of
 saving the full-precision weight, and returns no gradient for it, so gradients flow to the input (and to
@@ -21,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import gguf_blocks
-from .intk import check_bits_and_group, dequantize_packed, pack_codes, unpack_codes
+from .intk import check_bits_and_group, dequantize_packed, pack_rows, unpack_codes
 from .nf4 import NF4State, dequantize_4bit
 from .workspace import Workspace
 
@@ -128,12 +133,25 @@ class FrozenQuantized(nn.Module):
             y = y + self.bias.to(dtype)
         return y.to(x.dtype)
 
+    def quantized_tensors(self) -> dict[str, torch.Tensor]:
+        """The codes and constants by name (the bias, a plain weight, is not among them)."""
+        return {n: p for n, p in self.named_parameters(recurse=False) if n != "bias"}
+
     def storage_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return sum(t.numel() * t.element_size() for t in self.quantized_tensors().values())
+
+    def _frozen(self, name: str, tensor: torch.Tensor | None) -> None:
+        self.register_parameter(name, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
 
     def _frozen_bias(self, bias: torch.Tensor | None) -> None:
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.workspace = None
+
+
+def quantized_tensor_ids(model: nn.Module) -> set[int]:
+    """The ids of the codes and constants of every quantized layer in `model`: they are kept exactly as stored
+    (never cast to another dtype) and stand for a weight rather than being one."""
+    return {id(t) for m in model.modules() if isinstance(m, FrozenQuantized) for t in m.quantized_tensors().values()}
 
 
 class NF4Linear(FrozenQuantized):
@@ -145,19 +163,24 @@ class NF4Linear(FrozenQuantized):
         super().__init__()
         self.out_features, self.in_features = state.shape
         self.blocksize, self.quant_type, self.weight_dtype = state.blocksize, state.quant_type, state.dtype
-        self.register_buffer("packed", packed)
-        self.register_buffer("absmax", state.absmax)
-        self.register_buffer("offset", state.offset)
-        self.register_buffer("nested_absmax", state.nested_absmax)
+        out_features, in_features = self.out_features, self.in_features
+        # Rows first where a row holds whole bytes and whole blocks; otherwise bitsandbytes' flat layout
+        # (a block may then straddle two rows, and FSDP shards the flat tensor instead).
+        self._frozen("packed", packed.reshape(out_features, -1) if in_features % 2 == 0 else packed.reshape(-1, 1))
+        per_row = in_features // self.blocksize if in_features % self.blocksize == 0 else None
+        self._frozen("absmax", state.absmax.reshape(out_features, per_row) if per_row else state.absmax.reshape(-1))
+        self._frozen("offset", None if state.offset is None else state.offset.reshape(1))  # fully_shard: no 0-d
+        self._frozen("nested_absmax", state.nested_absmax)
         self._frozen_bias(bias)
 
     def state(self) -> NF4State:
+        """The flat constants, as bitsandbytes lays them out (nf4.py computes with these)."""
         return NF4State(
             (self.out_features, self.in_features),
             self.weight_dtype,
             self.blocksize,
             self.quant_type,
-            self.absmax,
+            self.absmax.reshape(-1),
             self.offset,
             self.nested_absmax,
         )
@@ -198,9 +221,9 @@ class IntLinear(FrozenQuantized):
             shapes = f"scale {tuple(scale.shape)}, offset {tuple(offset.shape)}, codes {tuple(codes.shape)}"
             raise ValueError(f"{shapes} do not fit together")
         self.bits = bits
-        self.register_buffer("packed", pack_codes(codes, bits))
-        self.register_buffer("scale", scale.detach().half().contiguous())
-        self.register_buffer("offset", offset.detach().half().contiguous())
+        self._frozen("packed", pack_rows(codes, bits))
+        self._frozen("scale", scale.detach().half().contiguous())
+        self._frozen("offset", offset.detach().half().contiguous())
         self._frozen_bias(bias)
 
     def codes(self) -> torch.Tensor:
@@ -267,7 +290,7 @@ class GgufLinear(FrozenQuantized):
         if in_features % kind.block or blocks.shape[1] != in_features // kind.block * kind.nbytes:
             raise ValueError(f"{type_name} blocks {tuple(blocks.shape)} do not hold rows of {in_features} weights")
         self.out_features, self.in_features, self.type_name = blocks.shape[0], in_features, type_name
-        self.register_buffer("blocks", blocks.contiguous())
+        self._frozen("blocks", blocks.contiguous())
         self._frozen_bias(bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None) -> torch.Tensor:

@@ -62,6 +62,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return ((word.unsqueeze(1) >> shifts) & 255).to(torch.uint8).reshape(-1)
 
 
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_codes` of an (out, in) code matrix, as (out, in·bits/8) where a row fills whole 8-code chunks
+    (in % 8 == 0, so each row is its own bytes of the same stream); else the flat stream."""
+    packed = pack_codes(codes, bits)
+    return packed.view(codes.shape[0], -1) if codes.shape[1] % 8 == 0 else packed
+
+
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of `pack_codes`: the first `numel` codes, uint8."""
     chunks = packed.reshape(-1, bits).to(torch.int64)

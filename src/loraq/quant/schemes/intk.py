@@ -91,7 +91,7 @@ class IntRTN(Scheme):
         return cls(bits, group_size)
 
     def checkpoint_tensors(self, layer: IntLinear) -> dict[str, torch.Tensor]:
-        return {"qweight": layer.packed, "scales": layer.scale, "offsets": layer.offset}
+        return {"qweight": layer.packed.reshape(-1), "scales": layer.scale, "offsets": layer.offset}
 
     def layer_from_checkpoint(
         self, take: TakeTensor, keys: list[str], shape: tuple[int, int], bias: torch.Tensor | None
@@ -105,5 +105,6 @@ class IntRTN(Scheme):
             if not torch.isfinite(t).all():
                 raise CorruptTensor(key, "holds NaN or infinite values")
         layer = IntLinear(torch.zeros(out_features, in_features, dtype=torch.uint8), scale, offset, self.bits, bias)
-        layer.packed.copy_(packed)
+        with torch.no_grad():
+            layer.packed.copy_(packed.view_as(layer.packed))
         return layer

@@ -70,7 +70,12 @@ class NF4(Scheme):
             "dtype": str(layer.weight_dtype).removeprefix("torch."),
             "shape": [layer.out_features, layer.in_features],
         }
-        out = {"weight": layer.packed, "weight.absmax": layer.absmax, "weight.quant_map": code_4bit(layer.quant_type)}
+        # bitsandbytes' layout: packed codes (n/2, 1), the constants flat
+        out = {
+            "weight": layer.packed.reshape(-1, 1),
+            "weight.absmax": layer.absmax.reshape(-1),
+            "weight.quant_map": code_4bit(layer.quant_type),
+        }
         if layer.offset is not None:
             meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=float(layer.offset))
             out["weight.nested_absmax"] = layer.nested_absmax
