@@ -66,8 +66,9 @@ class TrainResult:
     stopped_at: int | None = None  # the step an interrupt stopped the run after (None: ran to the end)
 
 
-# Options that may change between a run and its resumption (they do not change what is computed).
-RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "eval_batch_size", "cpu_offload"}
+# Options that may change between a run and its resumption (they do not change what is computed; "out": a
+# run folder moved or copied elsewhere resumes there).
+RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "eval_batch_size", "cpu_offload", "out"}
 
 
 @dataclass
@@ -266,9 +267,7 @@ def _batches(config: TrainConfig, data: RunData, pad_id: int, writer: bool) -> I
     return shuffled_batches(items, config.batch_size, pad_id, config.seed)
 
 
-def _restore_or_start(
-    state: StepState, run: RunFolder, batches, log, validate, has_val: bool
-) -> tuple[int, float]:
+def _restore_or_start(state: StepState, run: RunFolder, batches, log, validate, has_val: bool) -> tuple[int, float]:
     """Resume from the last checkpoint (skipping the batches it trained on), or measure the start; return the
     first step to run and the validation loss before training."""
     config = state.config

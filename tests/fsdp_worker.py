@@ -1,0 +1,107 @@
+"""One training run of the tiny model, started by tests/test_distributed.py as a plain process or under
+`torchrun --nproc-per-node 2` (gloo): the same code either way, so the two can be compared.
+
+    python tests/fsdp_worker.py train OUT METHOD [JSON options]     loraq.train on the tiny model (METHOD: lora,
+        qlora, qalora, constants, gguf), then per-rank storage (OUT/storage-rankN.json) and the whole quantized
+        base gathered from the shards (OUT/base.safetensors, rank 0)
+    python tests/fsdp_worker.py cli FAULT STEP [loraq args...]      the `loraq` command, with rank 1 killed
+        (FAULT kill) or raising a LoraqError (FAULT raise) after optimizer step STEP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _tiny(method: str, folder: Path):
+    from conftest import build_tiny_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(len(tokenizer))
+    if method != "gguf":
+        return model, tokenizer
+    # A llama GGUF of the tiny model in four block types (Q4_1 becomes INT4, the rest keep their blocks)
+    from test_gguf_blocks import write_tiny_gguf
+
+    import loraq
+    from loraq.quant.schemes.gguf import GgufCodes
+
+    model.save_pretrained(folder / "hf")
+    tokenizer.save_pretrained(folder / "hf")
+    source = folder / "tiny.gguf"
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_tiny_gguf(model, "llama", source, ["Q4_1", "Q4_0", "Q8_0", "Q5_1"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        dist.barrier()  # the file is written before any rank reads it
+    model, _ = loraq.load_model(folder / "hf", quantize_layer=GgufCodes(source).quantize_layer)
+    return model, tokenizer
+
+
+def train_and_report(out: Path, method: str, flags: str) -> None:
+    from conftest import E2E_TINY
+    from safetensors.torch import save_file
+
+    from loraq import TrainConfig, train
+    from loraq.product.distributed import full_tensor, local_bytes
+    from loraq.quant.frozen import FrozenQuantized
+
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _tiny(method, out)
+    options = dict(
+        model="tiny", data=str(E2E_TINY), out=str(out / "run"), device="cpu", rank=4, lr=1e-2, warmup_steps=1
+    )
+    options |= {"method": "qalora" if method in ("constants", "gguf") else method}
+    if method == "constants":
+        options["train_constants"] = "both"
+    options |= json.loads(flags)
+    train(TrainConfig(**options), model, tokenizer, progress=False)
+
+    rank = int(os.environ.get("RANK", "0"))
+    storage, base = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, FrozenQuantized):
+            for key, t in module.quantized_tensors().items():
+                rows = t.shape[0]
+                row_bytes = t.numel() // max(rows, 1) * t.element_size()
+                storage[f"{name}.{key}"] = [local_bytes(t), t.numel() * t.element_size(), row_bytes]
+                base[f"{name}.{key}"] = full_tensor(t.detach()).contiguous()  # every rank gathers
+    (out / f"storage-rank{rank}.json").write_text(json.dumps(storage))
+    if rank == 0:
+        save_file(base, str(out / "base.safetensors"))
+
+
+def cli_with_fault(fault: str, step: int, args: list[str]) -> int:
+    from loraq.errors import LoraqError
+    from loraq.product import cli, train
+
+    original = train._optimizer_step
+
+    def faulty(state, index, *rest):
+        record = original(state, index, *rest)
+        if state.rank == 1 and index + 1 == step:
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise LoraqError(f"injected fault after step {step}")
+        return record
+
+    train._optimizer_step = faulty
+    return cli.main(args)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if sys.argv[1] == "train":
+        train_and_report(Path(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "{}")
+    else:
+        sys.exit(cli_with_fault(sys.argv[2], int(sys.argv[3]), sys.argv[4:]))
