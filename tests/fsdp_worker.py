@@ -22,30 +22,33 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _tiny(method: str, folder: Path):
+    """(model name, model or None, tokenizer): the tiny model saved as a folder that train loads (into shards
+    under torchrun), or for "gguf" loaded on the codes of a tiny GGUF (Q4_1 becomes INT4, the others keep
+    their blocks) and handed to train, which shards it after loading."""
     from conftest import build_tiny_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(len(tokenizer))
-    if method != "gguf":
-        return model, tokenizer
-    # A llama GGUF of the tiny model in four block types (Q4_1 becomes INT4, the rest keep their blocks)
-    from test_gguf_blocks import write_tiny_gguf
 
     import loraq
     from loraq.quant.schemes.gguf import GgufCodes
 
-    model.save_pretrained(folder / "hf")
-    tokenizer.save_pretrained(folder / "hf")
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(len(tokenizer))
     source = folder / "tiny.gguf"
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_tiny_gguf(model, "llama", source, ["Q4_1", "Q4_0", "Q8_0", "Q5_1"])
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer, then everyone reads
+        model.save_pretrained(folder / "hf")
+        tokenizer.save_pretrained(folder / "hf")
+        if method == "gguf":
+            from test_gguf_blocks import write_tiny_gguf
+
+            write_tiny_gguf(model, "llama", source, ["Q4_1", "Q4_0", "Q8_0", "Q5_1"])
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
-        dist.barrier()  # the file is written before any rank reads it
+        dist.barrier()
+    if method != "gguf":
+        return str(folder / "hf"), None, tokenizer
     model, _ = loraq.load_model(folder / "hf", quantize_layer=GgufCodes(source).quantize_layer)
-    return model, tokenizer
+    return str(folder / "hf"), model, tokenizer
 
 
 def train_and_report(out: Path, method: str, flags: str) -> None:
@@ -57,15 +60,13 @@ def train_and_report(out: Path, method: str, flags: str) -> None:
     from loraq.quant.frozen import FrozenQuantized
 
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = _tiny(method, out)
-    options = dict(
-        model="tiny", data=str(E2E_TINY), out=str(out / "run"), device="cpu", rank=4, lr=1e-2, warmup_steps=1
-    )
+    name, model, tokenizer = _tiny(method, out)
+    options = dict(model=name, data=str(E2E_TINY), out=str(out / "run"), device="cpu", rank=4, warmup_steps=1)
     options |= {"method": "qalora" if method in ("constants", "gguf") else method}
     if method == "constants":
         options["train_constants"] = "both"
     options |= json.loads(flags)
-    train(TrainConfig(**options), model, tokenizer, progress=False)
+    model = train(TrainConfig(**options), model, tokenizer, progress=False).model
 
     rank = int(os.environ.get("RANK", "0"))
     storage, base = {}, {}

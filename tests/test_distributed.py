@@ -99,7 +99,7 @@ def test_a_run_saved_by_two_processes_resumes_in_one_and_the_reverse(runs, tmp_p
         copy = tmp_path / f"{saved_by}-to-{resumed_in}"
         shutil.copytree(source / "run", copy / "run")
         shutil.rmtree(copy / "run" / "checkpoints" / "step-000004")  # resume from step 2
-        worker_run(copy, "qalora", resumed_in, resume=True)
+        worker_run(copy, "qalora", resumed_in, resume=True, model=str(source / "hf"))
         assert_same_run(source / "run", copy / "run")
 
 

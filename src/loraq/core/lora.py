@@ -120,7 +120,9 @@ class LoraLinear(nn.Module):
         if name in self.adapters:
             raise LoraqError(f"adapter {name!r} already exists on this layer; pick another adapter_name")
         adapter = LoraAdapter(self.in_features, self.out_features, config)
-        adapter.to(device=next(iter(self.base.state_dict().values())).device)
+        device = next(iter(self.base.state_dict().values())).device
+        if device.type != "meta":  # (a base built on meta to load into shards: the adapter keeps its values)
+            adapter.to(device=device)
         self.adapters[name] = adapter
         return adapter
 

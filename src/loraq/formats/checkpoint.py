@@ -98,8 +98,8 @@ def load_quantized(folder: str | os.PathLike, trust_remote_code: bool = False) -
     scheme = checkpoint_scheme(folder)
     if scheme is None:
         raise LoraqError(f"{folder}: not a quantized checkpoint (no quantization_config loraq reads)")
-    tensors, where = _read_tensors(folder, lazy=False)
-    model = _skeleton(folder, trust_remote_code)
+    tensors, where = read_tensors(folder, lazy=False)
+    model = skeleton(folder, trust_remote_code)
     for name in quantizable_linear_names(model):
         keys = [k[len(name) + 1 :] for k in tensors if k.startswith(name + ".") and k != f"{name}.bias"]
         if keys == ["weight"] and tensors[f"{name}.weight"].is_floating_point():
@@ -144,8 +144,8 @@ def load_quantizing(
     in fp32. `quantize_layer(name, weight (out, in), bias)` returns the frozen quantized module.
     """
     folder = Path(folder)
-    tensors, where = _read_tensors(folder, lazy=True)
-    model = _skeleton(folder, trust_remote_code)
+    tensors, where = read_tensors(folder, lazy=True)
+    model = skeleton(folder, trust_remote_code)
     for name in quantizable_linear_names(model):
         key = f"{name}.weight"
         if key not in tensors:
@@ -164,7 +164,7 @@ def load_quantizing(
     return _load_rest(model, tensors, where)
 
 
-class _LazyTensors(dict):
+class LazyTensors(dict):
     """key -> tensor, read from its safetensors file on first access (one layer at a time)."""
 
     def __init__(self, handles: dict[str, object]):
@@ -174,6 +174,14 @@ class _LazyTensors(dict):
     def __getitem__(self, key: str) -> torch.Tensor:
         value = super().__getitem__(key)
         return self.handles[key].get_tensor(key) if value is None else value
+
+    def rows(self, key: str, start: int, stop: int, dim: int = 0) -> torch.Tensor:
+        """Entries start:stop of `key` along `dim` (0 or 1), read alone from the file (safetensors slices)."""
+        part = self.handles[key].get_slice(key)
+        return part[start:stop] if dim == 0 else part[:, start:stop]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.handles[key].get_slice(key).get_shape())
 
     def pop(self, key: str, default=None):
         if key not in self:
@@ -186,7 +194,7 @@ class _LazyTensors(dict):
         return [(k, self[k]) for k in list(self.keys())]
 
 
-def _read_tensors(folder: Path, lazy: bool) -> tuple[dict[str, torch.Tensor], Path]:
+def read_tensors(folder: Path, lazy: bool) -> tuple[dict[str, torch.Tensor], Path]:
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
@@ -201,7 +209,7 @@ def _read_tensors(folder: Path, lazy: bool) -> tuple[dict[str, torch.Tensor], Pa
         except Exception as e:  # safetensors raises SafetensorError/OSError for truncated or lying headers
             raise LoraqError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     where = files[0] if len(files) == 1 else folder
-    tensors = _LazyTensors(handles)
+    tensors = LazyTensors(handles)
     if lazy:
         return tensors, where
     try:
@@ -210,7 +218,7 @@ def _read_tensors(folder: Path, lazy: bool) -> tuple[dict[str, torch.Tensor], Pa
         raise LoraqError(f"{where}: a tensor cannot be read ({type(e).__name__}: {e})") from None
 
 
-def _skeleton(folder: Path, trust_remote_code: bool) -> nn.Module:
+def skeleton(folder: Path, trust_remote_code: bool) -> nn.Module:
     """The model of folder/config.json with every tensor on the meta device (no memory yet)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -245,7 +253,7 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) 
         # (the whole full-precision file) resident for as long as the model lives.
         rest[k] = v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
     model.load_state_dict(rest, strict=False, assign=True)
-    _compute_unsaved_buffers(model, where)
+    compute_unsaved_buffers(model, where)
     model.tie_weights()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
@@ -256,7 +264,7 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) 
     return model
 
 
-def _compute_unsaved_buffers(model: nn.Module, where: Path) -> None:
+def compute_unsaved_buffers(model: nn.Module, where: Path) -> None:
     """Buffers computed at construction and never saved (rotary tables, Gemma's embedding scale) are still on
     the meta device: compute them on the CPU with the model's own initializer for that module, as transformers'
     from_pretrained does, keeping the module's loaded parameters."""

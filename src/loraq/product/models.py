@@ -113,6 +113,14 @@ def load_model(
     return _finish(model, tokenizer, name)
 
 
+def model_folder(name_or_path: str | os.PathLike) -> Path | None:
+    """The local folder a model name loads from (the default model's cached safetensors copy), else None."""
+    if is_default_model(str(name_or_path)):
+        return default_model_dir()
+    path = Path(name_or_path).expanduser()
+    return path if path.is_dir() else None
+
+
 def _method_layers(name: str, method: str | LoraConfig) -> QuantizeLayer | None:
     """The quantize-a-layer function of the base `method` trains on (None: plain LoRA keeps the model)."""
     from .base import method_scheme

@@ -44,10 +44,11 @@ from .distributed import (
     shard_model,
     sum_over_ranks,
 )
-from .models import load_tokenizer
+from .models import load_tokenizer, model_folder
 from .report import write_report
 from .resume import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from .run_folder import DataRecord, RunFolder
+from .sharded_load import load_sharded, note_load, sharded_source
 from .tensorboard import EventWriter
 from .train_config import TrainConfig, read_config_file  # noqa: F401 (re-exported)
 
@@ -154,13 +155,15 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             if data.val and ((config.eval_every and (step + 1) % config.eval_every == 0) or done):
                 val_after = record["val_loss"] = validate()
                 model.train()
-                bar.write(f"step {step + 1}: val_loss {val_after:.4f}")
+                if writer:
+                    bar.write(f"step {step + 1}: val_loss {val_after:.4f}")
             log(record)
             if (config.save_every and (step + 1) % config.save_every == 0) or done or stopping:
                 _checkpoint(run, step + 1, state)
             if stopping and not done:
                 stopped_at = step + 1
-                bar.write(f"loraq: interrupted; checkpoint of step {step + 1} written; continue with --resume")
+                if writer:
+                    bar.write(f"loraq: interrupted; checkpoint of step {step + 1} written; continue with --resume")
                 break
         bar.close()
     model.eval()
@@ -199,28 +202,32 @@ def _build_model(
     world: int,
     run: RunFolder,
 ) -> nn.Module:
-    """The base the method names, on the device, with the adapter attached; recorded in the run folder."""
-    calibration = (
-        data.train[:CALIBRATION_EXAMPLES] if method_scheme(config.model, config.lora).needs_calibration else None
-    )
-    model, _, quant_errors = build_base(
-        config.model, config.lora, calibration, tokenizer.pad_token_id, model, tokenizer, device
-    )
-    if device.type == "cuda":
-        frozen_to(model, dtype)  # the frozen base in 16 bits on a GPU (cast before it moves there)
-    model.to(device)
-    _attach_adapter(model, config)
-    if config.grad_checkpoint:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise LoraqError(f"--grad-checkpoint: {type(model).__name__} does not support gradient checkpointing")
-        # Non-reentrant checkpointing needs no input that requires grad, so the frozen embedding can stay frozen.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if world > 1:
-        shard_model(model, device, config.cpu_offload)
+    """The base the method names, on the device, with the adapter attached (under torchrun: sharded, each
+    process loading only its rows where the model comes from a safetensors folder); recorded in the run folder."""
+    scheme = method_scheme(config.model, config.lora)
+    calibration = data.train[:CALIBRATION_EXAMPLES] if scheme.needs_calibration else None
+
+    def prepare(model: nn.Module) -> None:
+        if device.type == "cuda":
+            frozen_to(model, dtype)  # the frozen base in 16 bits on a GPU (cast before it moves there)
+        _attach_adapter(model, config)
+        _grad_checkpointing(model, config)
+
+    folder = model_folder(config.model) if model is None and world > 1 else None
+    if sharded_source(folder, scheme):
+        model, quant_errors = load_sharded(folder, scheme, device, prepare, config.cpu_offload)
+        if writer:
+            note_load(quant_errors, world)
+    else:
+        model, _, quant_errors = build_base(
+            config.model, config.lora, calibration, tokenizer.pad_token_id, model, tokenizer, device
+        )
+        if device.type == "cuda":
+            frozen_to(model, dtype)
+        model.to(device)
+        prepare(model)
+        if world > 1:
+            shard_model(model, device, config.cpu_offload)
     if writer:
         print(f"loraq: {parameter_summary(model)}" + (f" on {world} processes" if world > 1 else ""))
         run.write_config(config)
@@ -230,6 +237,19 @@ def _build_model(
             report = json.dumps({"relative_error": quant_errors}, indent=1) + "\n"
             atomic_write_text(run.path / "quantization.json", report)
     return model
+
+
+def _grad_checkpointing(model: nn.Module, config: TrainConfig) -> None:
+    if not config.grad_checkpoint:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise LoraqError(f"--grad-checkpoint: {type(model).__name__} does not support gradient checkpointing")
+    # Non-reentrant checkpointing needs no input that requires grad, so the frozen embedding can stay frozen.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def frozen_to(model: nn.Module, dtype: torch.dtype) -> None:

@@ -16,7 +16,7 @@ import os
 
 from ...core.config import LoraConfig
 from ...errors import LoraqError
-from .base import CorruptTensor, Scheme
+from .base import CorruptTensor, RowShard, Scheme
 from .full import FullPrecision
 from .gguf import GgufBlocks, GgufCodes
 from .gptq import IntGPTQ
@@ -35,7 +35,16 @@ REGISTRY = {
 # The kinds of stored layer, asked in this order which one a layer is (subclasses share their parent's).
 LAYER_KINDS: tuple[type[Scheme], ...] = (FullPrecision, NF4, IntRTN, GgufBlocks)
 
-__all__ = ["REGISTRY", "CorruptTensor", "Scheme", "scheme_for", "scheme_from_checkpoint", "scheme_named", "scheme_of"]
+__all__ = [
+    "REGISTRY",
+    "CorruptTensor",
+    "RowShard",
+    "Scheme",
+    "scheme_for",
+    "scheme_from_checkpoint",
+    "scheme_named",
+    "scheme_of",
+]
 
 
 def scheme_for(config: LoraConfig, gguf_source: str | os.PathLike | None = None) -> Scheme:

@@ -6,6 +6,7 @@ merges into it exactly). A new scheme subclasses `Scheme` in one file and gets o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,6 +26,31 @@ class CorruptTensor(LoraqError):
     def __init__(self, suffix: str, why: str):
         super().__init__(f"tensor {suffix} {why}")
         self.suffix, self.why = suffix, why
+
+
+@dataclass
+class RowShard:
+    """The output rows of a layer that one process quantizes when it loads straight into FSDP2 shards
+    (product/sharded_load.py): rows [start, stop) of `out_features`, cut as FSDP2 cuts dim 0 (torch.chunk)."""
+
+    start: int
+    stop: int
+    out_features: int
+    rank: int
+    world: int
+    # every process's rows of a rows-first tensor, concatenated in rank order: a collective (all ranks call it)
+    gather: Callable[[torch.Tensor], torch.Tensor]
+
+    def chunk(self, whole: torch.Tensor) -> torch.Tensor:
+        """This process's part of a tensor every process computed whole, as FSDP2 shards it."""
+        size = -(-whole.shape[0] // self.world)
+        return whole[min(self.rank * size, whole.shape[0]) : min((self.rank + 1) * size, whole.shape[0])]
+
+
+def rows_first(layer: nn.Module) -> bool:
+    """Whether every quantized tensor of `layer` holds one row per output row (so rows quantize alone)."""
+    tensors = layer.quantized_tensors().values()
+    return all(t.dim() == 2 and t.shape[0] == layer.out_features for t in tensors)
 
 
 class Scheme:
@@ -72,6 +98,22 @@ class Scheme:
         """The frozen layer for `weight` (out, in), made on the weight's device (CPU or CUDA); `statistic` is
         the layer's entry of `calibrate` for a scheme that calibrates."""
         raise NotImplementedError
+
+    def quantize_rows(
+        self, name: str, weight: torch.Tensor, shard: RowShard, like: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        """For a load into shards: this process's part of each of the layer's quantized tensors (by the names of
+        `quantized_tensors()`), made from `weight`, the full-precision rows `shard.start:shard.stop`, and those
+        rows as quantized (fp32, for the error). `like` is the layer as built on the meta device (its layout).
+        None where the layout does not keep rows apart (then the loader quantizes the whole layer on every
+        process). A rows-first format quantizes its rows alone (this default); a scheme with constants over the
+        whole weight (NF4's double quantization) overrides it. Every process calls it for every layer."""
+        if self.needs_calibration or not rows_first(like):
+            return None
+        if weight.shape[0] == 0:
+            return {}, weight
+        layer = self.quantize_layer(name, weight, None)
+        return layer.quantized_tensors(), layer.dequantize()
 
     def calibrate(self, model: nn.Module, names: list[str], calibration: Iterable[dict] | None) -> dict:
         """Per-layer statistics the scheme quantizes with (GPTQ: each layer's Σxᵀx); {} for one that needs none."""

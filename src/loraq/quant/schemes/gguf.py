@@ -30,7 +30,7 @@ from ...errors import LoraqError
 from ...formats import gguf_blocks
 from ...formats.gguf import GgufLayers, q4_1_decode
 from ..frozen import GgufLinear, IntLinear
-from .base import Scheme
+from .base import RowShard, Scheme
 from .intk import IntRTN
 
 
@@ -125,8 +125,28 @@ class GgufCodes(IntRTN):
             raise LoraqError(
                 f"{self.source}: layer {name} is {(rows, columns)} in the file, the model expects {tuple(weight.shape)}"
             )
-        device = weight.device
-        if type_name == "Q4_1":
-            codes, d, m = q4_1_decode(blocks.numpy(), columns)
-            return IntLinear(codes.to(device), d.to(device), m.to(device), 4, bias)
-        return GgufLinear(blocks.to(device), type_name, columns, bias)
+        return _layer_from_blocks(blocks, type_name, columns, bias, weight.device)
+
+    def quantize_rows(
+        self, name: str, weight: torch.Tensor, shard: RowShard, like: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        """The file's own blocks of these rows (one layer read at a time; no quantization at all)."""
+        stored = self.layers().get(name)
+        if stored is None:  # quantized from the weight's rows, as quantize_layer does
+            return super().quantize_rows(name, weight, shard, like)
+        type_name, blocks = stored
+        if weight.shape[0] == 0:
+            return {}, weight
+        columns = weight.shape[1]
+        layer = _layer_from_blocks(blocks[shard.start : shard.stop], type_name, columns, None, weight.device)
+        return layer.quantized_tensors(), layer.dequantize()
+
+
+def _layer_from_blocks(
+    blocks: torch.Tensor, type_name: str, columns: int, bias: torch.Tensor | None, device: torch.device
+) -> nn.Module:
+    """Q4_1 blocks as an IntLinear (INT4 g32), any other type as a GgufLinear keeping them."""
+    if type_name == "Q4_1":
+        codes, d, m = q4_1_decode(blocks.numpy(), columns)
+        return IntLinear(codes.to(device), d.to(device), m.to(device), 4, bias)
+    return GgufLinear(blocks.to(device), type_name, columns, bias)

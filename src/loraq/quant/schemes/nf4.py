@@ -13,8 +13,17 @@ import torch
 from torch import nn
 
 from ..frozen import NF4Linear
-from ..nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, NF4State, code_4bit, dynamic_code_8bit, quantize_4bit
-from .base import CorruptTensor, Scheme, TakeTensor
+from ..nf4 import (
+    BLOCKSIZES,
+    NESTED_BLOCKSIZE,
+    NF4State,
+    code_4bit,
+    dequantize_4bit,
+    dynamic_code_8bit,
+    quantize_4bit,
+    quantize_blockwise_8bit,
+)
+from .base import CorruptTensor, RowShard, Scheme, TakeTensor
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,6 +53,29 @@ class NF4(Scheme):
     def quantize_layer(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, statistic=None) -> nn.Module:
         packed, state = quantize_4bit(weight, self.blocksize, self.quant_type, self.double_quant)
         return NF4Linear(packed, state, bias)
+
+    def quantize_rows(
+        self, name: str, weight: torch.Tensor, shard: RowShard, like: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        """Rows alone where a row holds whole blocks; the double quantization is of every block's absmax at
+        once (their mean, blocks of 256 across rows), so those are gathered from every process (1/64 of the
+        weight in fp32) and quantized alike everywhere: the result is one process's, bit for bit. The error is
+        that of the rows before double quantization."""
+        if like.packed.dim() != 2 or like.absmax.dim() != 2:  # (NF4Linear lays out rows first where it can)
+            return None
+        rows, in_features = weight.shape
+        packed, state = quantize_4bit(weight, self.blocksize, self.quant_type, double_quant=False)
+        absmax = state.absmax.view(rows, in_features // self.blocksize)
+        approx = dequantize_4bit(packed, state, torch.float32) if rows else weight
+        tensors = {"packed": packed.reshape(rows, in_features // 2), "absmax": absmax}
+        if self.double_quant:
+            every = shard.gather(absmax).reshape(-1)
+            offset = every.mean()
+            codes, nested = quantize_blockwise_8bit(every - offset, NESTED_BLOCKSIZE)
+            tensors["absmax"] = codes.view(shard.out_features, -1)[shard.start : shard.stop]
+            tensors["offset"] = shard.chunk(offset.reshape(1))
+            tensors["nested_absmax"] = shard.chunk(nested)
+        return tensors, approx
 
     def checkpoint_config(self) -> dict:
         return {

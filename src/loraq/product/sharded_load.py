@@ -1,0 +1,220 @@
+"""Loading straight into FSDP2 shards: under torchrun each process builds the model on the meta device, attaches
+the adapter, shards it, and only then reads its own rows of each tensor from the safetensors files and quantizes
+them. No process ever holds the whole model, each weight is quantized once in all, and host memory at load is
+the process's shard plus one layer's rows.
+
+Rows are where FSDP2 puts them (dim 0, cut as torch.chunk). The quantized formats are laid out rows first
+(quant/frozen.py), so a layer's rows quantize alone; where they cannot (NF4's double quantization spans every
+block of the weight; a flat layout of an odd-sized layer) the scheme gathers what it needs or the whole layer
+is quantized on every process (`Scheme.quantize_rows`). Either way the base is bit for bit one process's.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..core.layers import is_conv1d, layer_shape, quantizable_linear_names, replace_module
+from ..core.lora import LoraLinear
+from ..errors import LoraqError
+from ..formats.checkpoint import LazyTensors, compute_unsaved_buffers, is_quantized_folder, read_tensors, skeleton
+from ..quant.schemes import RowShard, Scheme
+from .distributed import shard_model
+
+
+def sharded_source(folder: Path | None, scheme: Scheme) -> bool:
+    """Whether a model can load into shards: a full-precision safetensors folder, and a scheme that needs no
+    calibration on the whole model (GPTQ does)."""
+    return (
+        folder is not None
+        and folder.is_dir()
+        and any(folder.glob("*.safetensors"))
+        and not is_quantized_folder(folder)
+        and not scheme.needs_calibration
+    )
+
+
+def load_sharded(
+    folder: Path,
+    scheme: Scheme,
+    device: torch.device,
+    prepare: Callable[[nn.Module], None],
+    cpu_offload: bool = False,
+) -> tuple[nn.Module, dict[str, float]]:
+    """The model of `folder` with its base in `scheme`'s format, sharded over the processes.
+
+    `prepare(model)` runs on the meta-device model before it is sharded (attach the adapter, turn on gradient
+    checkpointing, cast the frozen base): the adapter's initial values are made on the CPU there, from the same
+    random stream as in one process. A collective: every rank calls it.
+
+    Returns:
+        (model, relative weight error of each quantized layer over all processes' rows; {} for LoRA)
+
+    Raises:
+        LoraqError: a tensor is missing, has the wrong shape, or the file holds one the model lacks.
+    """
+    tensors, where = read_tensors(folder, lazy=True)
+    model = skeleton(folder, trust_remote_code=False)
+    compute_unsaved_buffers(model, where)  # rotary tables: on the CPU, before anything is sharded
+    layers = quantizable_linear_names(model) if scheme.quantized else []
+    for name in layers:
+        module = model.get_submodule(name)
+        shape = layer_shape(module)
+        scheme.check(name, shape)
+        _check_shape(tensors, f"{name}.weight", shape[::-1] if is_conv1d(module) else shape, where)
+        weight = torch.empty(shape, device="meta")
+        bias = None if module.bias is None else torch.empty(shape[0], device="meta")
+        replace_module(model, name, scheme.quantize_layer(name, weight, bias))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    prepare(model)
+    shard_model(model, device, cpu_offload)
+    _materialize(model, device)
+    errors = _fill(model, tensors, scheme, layers, where, device)
+    model.eval()
+    return model, errors
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Give every meta tensor memory on `device` (its shard only), keeping the values of the others (the
+    adapter, computed buffers): to_empty reallocates them all."""
+    kept = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        local = _local(t)
+        if not local.is_meta:
+            kept[name] = local.detach().clone()
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name in kept:
+                _local(t).copy_(kept.pop(name))
+
+
+def _fill(
+    model: nn.Module, tensors: LazyTensors, scheme: Scheme, layers: list[str], where: Path, device: torch.device
+) -> dict[str, float]:
+    """Read (and quantize) this process's rows of every tensor of the file into its shard."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    filled: set[int] = set()
+    squares: list[list[float]] = []  # per layer: ||W - Ŵ||² and ||W||² over this process's rows
+    with torch.no_grad():
+        for name in layers:
+            layer = _base(model.get_submodule(name))
+            key = f"{name}.weight"
+            start, stop = _cut(layer.out_features, rank, world)
+            shard = RowShard(start, stop, layer.out_features, rank, world, _gather)
+            weight = _weight_rows(tensors, key, start, stop, layer).to(device)
+            made = scheme.quantize_rows(name, weight, shard, layer)
+            if made is None:  # a layout whose rows are not their own: the whole layer, on every process
+                whole_weight = _weight_rows(tensors, key, 0, layer.out_features, layer).to(device)
+                whole = scheme.quantize_layer(name, whole_weight, None)
+                made = ({k: shard.chunk(t) for k, t in whole.quantized_tensors().items()}, whole.dequantize())
+                weight = whole_weight if rank == 0 else weight[:0]  # the error is counted once, by rank 0
+                made = (made[0], made[1] if rank == 0 else weight)
+            values, approx = made
+            params = layer.quantized_tensors()
+            for suffix, value in values.items():  # (a process with no rows of a rows-first layer gets none)
+                _local(params[suffix]).copy_(value)
+            filled |= {id(t) for t in params.values()}
+            squares.append([float((weight - approx).float().square().sum()), float(weight.float().square().sum())])
+            if layer.bias is not None:
+                _local(layer.bias).copy_(tensors.rows(f"{name}.bias", start, stop))
+                filled.add(id(layer.bias))
+            tensors.pop(key, None)
+            tensors.pop(f"{name}.bias", None)
+        owned = {_file_key(model, n): t for n, t in model.named_parameters(remove_duplicate=False)}
+        owned.update(model.named_buffers())
+        for key in list(tensors):
+            if key not in owned:
+                raise LoraqError(f"{where}: tensor {key} is not one of {type(model).__name__}'s")
+            t = owned[key]
+            _check_shape(tensors, key, tuple(t.shape), where)
+            if _is_sharded(t) and t.dim():
+                _local(t).copy_(tensors.rows(key, *_cut(t.shape[0], rank, world)))
+            else:
+                t.copy_(tensors[key])
+            filled.add(id(t))
+            tensors.pop(key)
+    missing = [n for n, p in model.named_parameters() if id(p) not in filled and not p.requires_grad]
+    if missing:
+        raise LoraqError(f"{where}: no tensor for {missing[:5]}")
+    if not layers:
+        return {}
+    totals = torch.tensor(squares, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return {name: float(n.sqrt() / d.sqrt().clamp(min=1e-30)) for name, (n, d) in zip(layers, totals.cpu())}
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """The frozen layer of a layer the adapter wraps (prepare attached it before loading)."""
+    return module.base if isinstance(module, LoraLinear) else module
+
+
+def _file_key(model: nn.Module, name: str) -> str:
+    """The file's key of a parameter: the adapter's wrapper puts the layer under `.base`, the file does not."""
+    prefix, _, leaf = name.rpartition(".")
+    if prefix.endswith(".base") and isinstance(model.get_submodule(prefix[: -len(".base")]), LoraLinear):
+        return f"{prefix[: -len('.base')]}.{leaf}"
+    return name
+
+
+def _cut(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows [start, stop) of `rows` that FSDP2 gives this process (torch.chunk's cut of dim 0)."""
+    size = -(-rows // world)
+    return min(rank * size, rows), min((rank + 1) * size, rows)
+
+
+def _weight_rows(tensors: LazyTensors, key: str, start: int, stop: int, layer: nn.Module) -> torch.Tensor:
+    """Rows start:stop of a linear layer's (out, in) weight in fp32, read alone (GPT-2's Conv1D stores (in, out))."""
+    if key not in tensors:
+        raise LoraqError(f"tensor {key} is missing")
+    conv1d = tensors.shape(key) == (layer.in_features, layer.out_features) != (layer.out_features, layer.in_features)
+    part = tensors.rows(key, start, stop, dim=1 if conv1d else 0).float()
+    return part.T.contiguous() if conv1d else part
+
+
+def _check_shape(tensors: LazyTensors, key: str, shape: tuple[int, ...], where: Path) -> None:
+    if key not in tensors:
+        raise LoraqError(f"{where}: tensor {key} is missing")
+    found = tensors.shape(key)
+    if found != tuple(shape):
+        raise LoraqError(f"{where}: tensor {key} has shape {found}, the model expects {tuple(shape)}")
+
+
+def _gather(rows: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of a tensor, concatenated in rank order (they may hold one row fewer at the end)."""
+    world = dist.get_world_size()
+    counts = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    every = [torch.zeros_like(counts) for _ in range(world)]
+    dist.all_gather(every, counts)
+    most = int(max(every))
+    padded = torch.zeros((most, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, every)])
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_sharded(t) else t
+
+
+def note_load(errors: dict[str, float], world: int) -> None:
+    if errors:
+        worst = max(errors, key=errors.get)
+        print(
+            f"loraq: base loaded into {world} shards; relative weight error of the {len(errors)} layers: mean "
+            f"{sum(errors.values()) / len(errors):.4f}, max {errors[worst]:.4f} ({worst})",
+            file=sys.stderr,
+        )
