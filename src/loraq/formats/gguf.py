@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import LoraqError
-from ..quant.frozen import FrozenQuantized, GgufLinear
+from ..quant.frozen import FrozenQuantized, GgufLinear, IntLinear
 from .gguf_blocks import TYPES
 
 _LLAMA_NAMES = {
@@ -213,8 +213,6 @@ def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.
     Raises:
         LoraqError: a linear layer of the model is in no GGUF type, or the model does not match the file.
     """
-    from ..quant.schemes import scheme_of
-
     reader = open_gguf(source)
     arch = architecture(reader, source)
     out = Path(out)
@@ -225,12 +223,10 @@ def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.
         if name is None:
             continue
         layer = modules.get(name)
-        scheme = scheme_of(layer) if layer is not None else None
-        if scheme is None or "gguf" not in scheme.exact_exports:
-            kind = "missing" if layer is None else scheme.describe() if scheme else type(layer).__name__
+        if not _gguf_storable(layer):
             raise LoraqError(
                 f"GGUF export writes each layer in a GGUF block type (the file's own, or Q4_1 for INT4 g32), but "
-                f"layer {name} is {kind}; train on the GGUF's codes (--bits 4 --group-size 32) or export with "
+                f"layer {name} is {_describe(layer)}; train on the GGUF's codes (--bits 4 --group-size 32) or export with "
                 "--format gptq or hf"
             )
         heads = _heads_for(reader, t.name)
@@ -243,6 +239,23 @@ def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.
     if len(blocks) != len(layers):
         raise LoraqError(f"{source} has {len(blocks)} linear layers, the model {len(layers)}: not its source file")
     return copy_gguf(reader, out, {name: (blocks[name], types[name]) for name in blocks})
+
+
+def _gguf_storable(layer: torch.nn.Module | None) -> bool:
+    """Whether a layer is in a GGUF block type as it is: a file's own blocks, or INT4 g32 (Q4_1's layout)."""
+    if isinstance(layer, IntLinear):
+        return (layer.bits, layer.group_size) == (4, 32)
+    return isinstance(layer, GgufLinear)
+
+
+def _describe(layer: torch.nn.Module | None) -> str:
+    if layer is None:
+        return "missing"
+    if isinstance(layer, IntLinear):
+        return f"INT{layer.bits} g{layer.group_size}"
+    if isinstance(layer, FrozenQuantized):
+        return f"{type(layer).__name__} ({layer.extra_repr()})"
+    return "full precision"
 
 
 def copy_gguf(reader, out: str | os.PathLike, replace: dict[str, tuple[np.ndarray, str]]) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,26 +18,12 @@ from ..core.inject import linear_module_names
 from ..errors import LoraqError
 from ..formats.checkpoint import is_quantized_folder
 from ..quant.intk import relative_error
-from ..quant.schemes import Scheme, scheme_for, scheme_of
+from ..quant.schemes import Scheme, scheme_of
 from .data import ordered_batches
-from .fetch import SMOLLM2_GGUF, fetch
-from .models import is_default_model, load_model
+from .models import load_model, method_scheme
 from .run_folder import RunFolder
 
 CALIBRATION_EXAMPLES = 256
-
-
-def gguf_source(model_name: str) -> Path | None:
-    """The GGUF file a model name loads from, if any (the default model ships as one)."""
-    if is_default_model(model_name):
-        return fetch(SMOLLM2_GGUF)
-    path = Path(model_name).expanduser()
-    return path if path.suffix == ".gguf" and path.is_file() else None
-
-
-def method_scheme(model_name: str, config: LoraConfig) -> Scheme:
-    """The scheme `config.method` trains on for this model (a GGUF source's own codes where they fit)."""
-    return scheme_for(config, gguf_source(model_name))
 
 
 def build_base(

@@ -14,11 +14,10 @@ import textwrap
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from .base import gguf_source
 from .data import load_examples, split_by_group
 from .export import merge_run
 from .generate import generate
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL, gguf_source, load_model
 from .train import TrainConfig, TrainResult, train
 
 # 40 steps keep `make demo` under 10 minutes on 2 cores (60 steps: 12 min 17 s wall, val loss 1.094; README)

@@ -29,9 +29,9 @@ from ..formats.gptq import gptq_tensors, int_layer_from_gptq, write_gptq
 from ..formats.peft import adapter_base_model, load_adapter, read_adapter_config, save_adapter
 from ..quant.frozen import IntLinear
 from ..quant.schemes import scheme_named, scheme_of
-from .base import gguf_source, method_scheme, rebuild_base
+from .base import rebuild_base
 from .data import encode_all, ordered_batches, run_splits
-from .models import load_tokenizer
+from .models import gguf_source, load_tokenizer, method_scheme
 from .run_folder import resolve_run
 from .train_config import TrainConfig
 

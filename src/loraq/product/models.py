@@ -17,6 +17,7 @@ from ..core.config import LoraConfig
 from ..core.layers import linear_weight, quantizable_linear_names, replace_module
 from ..errors import LoraqError
 from ..formats.checkpoint import is_quantized_folder, load_quantized, load_quantizing
+from ..quant.schemes import Scheme, scheme_for
 from .fetch import SMOLLM2_GGUF, cache_dir, fetch
 
 QuantizeLayer = Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module]
@@ -121,10 +122,21 @@ def model_folder(name_or_path: str | os.PathLike) -> Path | None:
     return path if path.is_dir() else None
 
 
+def gguf_source(model_name: str) -> Path | None:
+    """The GGUF file a model name loads from, if any (the default model ships as one)."""
+    if is_default_model(model_name):
+        return fetch(SMOLLM2_GGUF)
+    path = Path(model_name).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def method_scheme(model_name: str, config: LoraConfig) -> Scheme:
+    """The scheme `config.method` trains on for this model (a GGUF source's own codes where they fit)."""
+    return scheme_for(config, gguf_source(model_name))
+
+
 def _method_layers(name: str, method: str | LoraConfig) -> QuantizeLayer | None:
     """The quantize-a-layer function of the base `method` trains on (None: plain LoRA keeps the model)."""
-    from .base import method_scheme
-
     config = method if isinstance(method, LoraConfig) else LoraConfig(method=method)
     scheme = method_scheme(name, config)
     if not scheme.quantized:
