@@ -2,8 +2,8 @@
 `torchrun --nproc-per-node 2` (gloo): the same code either way, so the two can be compared.
 
     python tests/fsdp_worker.py train OUT METHOD [JSON options]     loraq.train on the tiny model (METHOD: lora,
-        qlora, qalora, constants, gguf), then per-rank storage (OUT/storage-rankN.json) and the whole quantized
-        base gathered from the shards (OUT/base.safetensors, rank 0)
+        qlora, qalora, constants, gguf, qlora-untied), then per-rank storage (OUT/storage-rankN.json) and the
+        whole quantized base gathered from the shards (OUT/base.safetensors, rank 0)
     python tests/fsdp_worker.py cli FAULT STEP [loraq args...]      the `loraq` command, with rank 1 killed
         (FAULT kill) or raising a LoraqError (FAULT raise) after optimizer step STEP
 """
@@ -31,7 +31,9 @@ def _tiny(method: str, folder: Path):
     from loraq.quant.schemes.gguf import GgufCodes
 
     tokenizer = build_tokenizer()
-    model = build_tiny_model(len(tokenizer))
+    # "qlora-untied": an MLP of 96 (NF4 blocks of 64 then straddle rows: the whole-layer path) and an untied head
+    odd = dict(intermediate_size=96, tie_word_embeddings=False) if method == "qlora-untied" else {}
+    model = build_tiny_model(len(tokenizer), **odd)
     source = folder / "tiny.gguf"
     if int(os.environ.get("RANK", "0")) == 0:  # one writer, then everyone reads
         model.save_pretrained(folder / "hf")
@@ -62,7 +64,7 @@ def train_and_report(out: Path, method: str, flags: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name, model, tokenizer = _tiny(method, out)
     options = dict(model=name, data=str(E2E_TINY), out=str(out / "run"), device="cpu", rank=4, warmup_steps=1)
-    options |= {"method": "qalora" if method in ("constants", "gguf") else method}
+    options |= {"method": {"constants": "qalora", "gguf": "qalora", "qlora-untied": "qlora"}.get(method, method)}
     if method == "constants":
         options["train_constants"] = "both"
     options |= json.loads(flags)

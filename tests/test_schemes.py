@@ -173,3 +173,60 @@ def test_the_worked_example_of_a_new_scheme_works_end_to_end(tiny, tokens, tmp_p
     loaded, _ = loraq.load_model(tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+
+
+# --- loading into shards: each process quantizes its own rows (product/sharded_load.py) ----------------------
+
+
+def _split_quantize(scheme, name: str, weight: torch.Tensor, world: int) -> dict[str, torch.Tensor] | None:
+    """Every process's part of each quantized tensor, as Scheme.quantize_rows makes them, joined in rank order.
+    The gather (a collective in a real load) is played here by the block absmax of the whole weight."""
+    from loraq.quant.nf4 import quantize_4bit
+    from loraq.quant.schemes import RowShard
+
+    out_features, in_features = weight.shape
+    like = scheme.quantize_layer(name, torch.empty(weight.shape, device="meta"), None)
+    blocks = quantize_4bit(weight, 64, "nf4", double_quant=False)[1].absmax
+    every_absmax = blocks.view(out_features, -1) if in_features % 64 == 0 else None
+    size = -(-out_features // world)
+    parts = []
+    for rank in range(world):
+        start, stop = min(rank * size, out_features), min((rank + 1) * size, out_features)
+        shard = RowShard(start, stop, out_features, rank, world, lambda rows: every_absmax)
+        made = scheme.quantize_rows(name, weight[start:stop], shard, like)
+        if made is None:
+            return None
+        parts.append(made[0])
+    return {k: torch.cat([p[k] for p in parts if k in p]) for k in like.quantized_tensors()}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize(
+    "scheme", [IntRTN(2, 32), IntRTN(3, 32), IntRTN(4, 32), IntRTN(8, 64), NF4("nf4"), NF4("fp4", double_quant=False)]
+)
+def test_rows_quantized_apart_are_the_whole_layer_quantized_at_once(scheme, world):
+    torch.manual_seed(0)
+    weight = torch.randn(10, 128) * 0.02
+    joined = _split_quantize(scheme, "x", weight, world)
+    whole = scheme.quantize_layer("x", weight, None).quantized_tensors()
+    assert joined is not None and set(joined) == set(whole)
+    for key in whole:
+        assert torch.equal(joined[key], whole[key]), key
+
+
+def test_a_gguf_base_gives_each_process_its_rows_of_the_file(tiny, tmp_path):
+    from test_gguf_blocks import write_tiny_gguf
+
+    model, _ = tiny
+    chosen = write_tiny_gguf(model, "llama", tmp_path / "t.gguf", ["Q4_1", "Q4_0", "Q8_0", "Q5_1"])
+    scheme = GgufCodes(tmp_path / "t.gguf")
+    for name in list(chosen)[:4]:  # q (rows permuted in the file), k, v, o: one of each type
+        weight = model.get_submodule(name).weight.detach()
+        joined = _split_quantize(scheme, name, weight, 2)
+        whole = scheme.quantize_layer(name, weight, None).quantized_tensors()
+        assert joined is not None and all(torch.equal(joined[k], whole[k]) for k in whole), name
+
+
+@pytest.mark.parametrize("scheme, in_features", [(NF4("nf4"), 96), (IntRTN(3, 4), 36)])
+def test_a_layout_without_rows_of_its_own_asks_for_the_whole_layer(scheme, in_features):
+    assert _split_quantize(scheme, "x", torch.randn(6, in_features), 2) is None

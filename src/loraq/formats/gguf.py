@@ -226,8 +226,8 @@ def write_gguf(model: torch.nn.Module, source: str | os.PathLike, out: str | os.
         if not _gguf_storable(layer):
             raise LoraqError(
                 f"GGUF export writes each layer in a GGUF block type (the file's own, or Q4_1 for INT4 g32), but "
-                f"layer {name} is {_describe(layer)}; train on the GGUF's codes (--bits 4 --group-size 32) or export with "
-                "--format gptq or hf"
+                f"layer {name} is {_describe(layer)}; train on the GGUF's codes (--bits 4 --group-size 32) or export "
+                "with --format gptq or hf"
             )
         heads = _heads_for(reader, t.name)
         if isinstance(layer, GgufLinear):
