@@ -54,6 +54,34 @@ def test_plan_responds_to_method_and_checkpointing(tiny_model_dir):
         plan_memory(str(tiny_model_dir), "dora")
 
 
+def test_plan_per_process_under_torchrun(tiny_model_dir):
+    one = plan_memory(str(tiny_model_dir), "qlora", 4, 64)
+    two = plan_memory(str(tiny_model_dir), "qlora", 4, 64, world_size=2)
+    assert two.weights == one.weights // 2 and two.adapter == one.adapter // 2
+    assert two.activations < one.activations and two.gathered > 0 == one.gathered
+    assert two.trainable_params == one.trainable_params  # the adapter in all, not a shard's
+    gpu = dict(model=str(tiny_model_dir), method="qlora", batch_size=4, seq_len=64, device="cuda", world_size=2)
+    offloaded = plan_memory(**gpu, cpu_offload=True)
+    assert offloaded.on_device < plan_memory(**gpu).on_device and offloaded.host > plan_memory(**gpu).host
+    for bad, message in [(dict(world_size=3), "--batch-size 4 does not split over 3 processes"),
+                         (dict(cpu_offload=True), "--cpu-offload .* --world-size >= 2"),
+                         (dict(device="tpu"), "--device must be cpu or cuda")]:  # fmt: skip
+        with pytest.raises(LoraqError, match=message):
+            plan_memory(str(tiny_model_dir), "qlora", 4, 64, **bad)
+
+
+def test_plan_says_how_llama_2_70b_qlora_fits_on_two_24_gib_gpus():
+    from loraq.product.plan import offload_advice
+
+    options = dict(model="meta-llama/Llama-2-70b-hf", method="qlora", batch_size=2, seq_len=512, rank=16,
+                   grad_checkpoint=True, compute_bytes=2, device="cuda", world_size=2)  # fmt: skip
+    plan = plan_memory(**options)
+    assert 16 * 2**30 < plan.weights < 18 * 2**30  # 68.4 B linear weights at 4.127 bits, and 16-bit embeddings, / 2
+    assert not plan_memory(**{**options, "world_size": 1}).fits(24 * 2**30)
+    assert plan_memory(**options, cpu_offload=True).fits(24 * 2**30)
+    assert "with --cpu-offload it fits" in offload_advice(options, 20 * 2**30)
+
+
 def test_plan_counts_what_apply_trains(tiny_model_dir, tiny):
     import loraq
 

@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpoint", action="store_true", help="with gradient checkpointing")
     p.add_argument("--loss-fraction", type=float, default=1.0, help="share of positions with a loss (default: 1)")
     p.add_argument("--train-constants", default="none", help="qalora: also the groups' scale, offset or both")
+    p.add_argument("--world-size", type=int, default=1, help="processes under torchrun (FSDP2 shards) (default: 1)")
+    p.add_argument("--cpu-offload", action="store_true", help="with --world-size N: shards in host memory")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--compute-dtype", default="fp32", help="fp32 or bf16 (default: fp32)")
+    p.add_argument(
+        "--device-memory", type=float, default=None, help="GiB per device: say whether the run fits, and how"
+    )
 
     p = sub.add_parser("demo", help="fine-tune the default model on E2E NLG and show before/after")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
@@ -197,16 +204,24 @@ def _run(args: argparse.Namespace) -> int:
         print(format_table(compare_runs(args.runs, args.chart)))
         print(f"chart: {args.chart}")
     elif args.command == "plan":
-        from .plan import plan_memory
+        from .plan import offload_advice, plan_memory
 
         if min(args.batch_size, args.seq_len) < 1 or args.rank < 0 or not 0 < args.loss_fraction <= 1:
             raise LoraqError("--batch-size and --seq-len must be >= 1, --rank >= 0 and --loss-fraction in (0, 1]")
-        print(
-            plan_memory(
-                args.model, args.method, args.batch_size, args.seq_len, args.rank, args.bits, args.group_size,
-                args.grad_checkpoint, args.loss_fraction, train_constants=args.train_constants,
-            )
+        if args.compute_dtype not in ("fp32", "bf16"):
+            raise LoraqError(f"--compute-dtype must be fp32 or bf16, got {args.compute_dtype!r}")
+        options = dict(
+            model=args.model, method=args.method, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
+            bits=args.bits, group_size=args.group_size, grad_checkpoint=args.grad_checkpoint,
+            loss_fraction=args.loss_fraction, compute_bytes=2 if args.compute_dtype == "bf16" else 4,
+            train_constants=args.train_constants, world_size=args.world_size, cpu_offload=args.cpu_offload,
+            device=args.device,
         )  # fmt: skip
+        print(plan_memory(**options))
+        if args.device_memory is not None:
+            if args.device_memory <= 0:
+                raise LoraqError(f"--device-memory must be > 0 GiB, got {args.device_memory}")
+            print(offload_advice(options, int(args.device_memory * 2**30)))
     elif args.command == "demo":
         from .demo import run_demo
 
