@@ -26,6 +26,8 @@ from ..formats.checkpoint import LazyTensors, compute_unsaved_buffers, is_quanti
 from ..quant.schemes import RowShard, Scheme
 from .distributed import shard_model
 
+COPY_BYTES = 16 * 2**20  # rows of an unquantized tensor read and copied at a time
+
 
 def sharded_source(folder: Path | None, scheme: Scheme) -> bool:
     """Whether a model can load into shards: a full-precision safetensors folder, and a scheme that needs no
@@ -135,7 +137,13 @@ def _fill(
             t = owned[key]
             _check_shape(tensors, key, tuple(t.shape), where)
             if _is_sharded(t) and t.dim():
-                _local(t).copy_(tensors.rows(key, *_cut(t.shape[0], rank, world)))
+                start, stop = _cut(t.shape[0], rank, world)
+                local = _local(t)
+                step = max(1, COPY_BYTES // max(1, local[:1].numel() * 4))
+                for first in range(start, stop, step):  # a few MiB at a time: no second copy of an embedding
+                    local[first - start : min(first + step, stop) - start].copy_(
+                        tensors.rows(key, first, min(first + step, stop))
+                    )
             else:
                 t.copy_(tensors[key])
             filled.add(id(t))
