@@ -30,6 +30,7 @@ bench: $(STAMP)  # about an hour on 2 cores; each script can be run alone
 	$(BIN)/python bench/perplexity.py
 	$(BIN)/python bench/qalora.py
 	$(BIN)/python bench/packing.py
+	$(BIN)/python bench/fsdp.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import E2E_TINY
+from conftest import E2E_TINY, FIXTURES
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -36,6 +36,11 @@ def worker_run(out: Path, method: str, processes: int, **options) -> Path:
     return out
 
 
+# LoRA validates on 3 examples one at a time: the processes get 2 and 1, and the one with fewer batches must
+# still join every forward pass (a sharded model gathers each block from all of them)
+UNEVEN_VALIDATION = {"val_data": str(FIXTURES / "e2e_val3.json"), "eval_batch_size": 1}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(method, processes) -> the folder of that run, each run once for the whole module."""
@@ -43,7 +48,9 @@ def runs(tmp_path_factory):
 
     def get(method: str, processes: int) -> Path:
         if (method, processes) not in made:
-            made[method, processes] = worker_run(tmp_path_factory.mktemp(f"{method}-{processes}"), method, processes)
+            options = UNEVEN_VALIDATION if method == "lora" else {}
+            folder = tmp_path_factory.mktemp(f"{method}-{processes}")
+            made[method, processes] = worker_run(folder, method, processes, **options)
         return made[method, processes]
 
     return get
@@ -148,3 +155,20 @@ def test_cpu_offload_without_torchrun_is_refused(tmp_path, tiny_model_dir):
     config = TrainConfig(model=str(tiny_model_dir), data=str(E2E_TINY), steps=1, cpu_offload=True, out=str(tmp_path))
     with pytest.raises(LoraqError, match="--cpu-offload .*torchrun"):
         train(config, progress=False)
+
+
+def test_merge_and_export_of_a_two_process_run_are_the_one_process_files(runs, tmp_path):
+    from safetensors.torch import load_file as read
+
+    from loraq import merge_run
+
+    merged = {}
+    for processes in (1, 2):
+        out = tmp_path / f"merged-{processes}"
+        merge_run(runs("qalora", processes) / "run", out, format="hf", dtype="fp32", prompts=2)
+        merged[processes] = read(out / "model.safetensors")
+    assert set(merged[1]) == set(merged[2])
+    for key, one in merged[1].items():
+        two = merged[2][key]
+        assert one.shape == two.shape and one.dtype == two.dtype, key
+        assert float((one - two).abs().max()) <= 1e-5 * max(float(one.abs().max()), 1e-3), key

@@ -119,6 +119,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     writer = rank == 0  # with several processes only rank 0 writes the run folder
     check_run_folder(run, config)
     device, dtype = resolve_device(config, rank, world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # under torchrun each process its own GPU, for nccl too
     tokenizer = tokenizer or load_tokenizer(config.model)
     data = _encode_data(config, tokenizer)
     model = _build_model(config, data, model, tokenizer, device, dtype, writer, world, run)
