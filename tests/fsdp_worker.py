@@ -2,7 +2,7 @@
 `torchrun --nproc-per-node 2` (gloo): the same code either way, so the two can be compared.
 
     python tests/fsdp_worker.py train OUT METHOD [JSON options]     loraq.train on the tiny model (METHOD: lora,
-        qlora, qalora, constants, gguf, qlora-untied), then per-rank storage (OUT/storage-rankN.json) and the
+        qlora, qalora, constants, gguf, gptq, qlora-untied), then per-rank storage (OUT/storage-rankN.json) and the
         whole quantized base gathered from the shards (OUT/base.safetensors, rank 0)
     python tests/fsdp_worker.py cli FAULT STEP [loraq args...]      the `loraq` command, with rank 1 killed
         (FAULT kill) or raising a LoraqError (FAULT raise) after optimizer step STEP
@@ -64,9 +64,11 @@ def train_and_report(out: Path, method: str, flags: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name, model, tokenizer = _tiny(method, out)
     options = dict(model=name, data=str(E2E_TINY), out=str(out / "run"), device="cpu", rank=4, warmup_steps=1)
-    options |= {"method": {"constants": "qalora", "gguf": "qalora", "qlora-untied": "qlora"}.get(method, method)}
+    options |= {"method": {"qlora-untied": "qlora"}.get(method, method if "lora" in method else "qalora")}
     if method == "constants":
         options["train_constants"] = "both"
+    if method == "gptq":  # calibrated on the whole model: every process quantizes it, then it is sharded
+        options["quantizer"] = "gptq"
     options |= json.loads(flags)
     model = train(TrainConfig(**options), model, tokenizer, progress=False).model
 

@@ -43,18 +43,21 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def check_world(batch_size: int, world: int, cpu_offload: bool) -> None:
+def check_world(batch_size: int, world: int, cpu_offload: bool, device: str = "cuda") -> None:
     """Refuse options that cannot run on `world` processes, naming them.
 
     Raises:
-        LoraqError: --cpu-offload without torchrun, or a --batch-size that the processes cannot split evenly
-            (every process must run every forward pass: FSDP gathers each block from all of them).
+        LoraqError: --cpu-offload without torchrun or on a CPU run (where everything already is in host
+            memory), or a --batch-size that the processes cannot split evenly (every process must run every
+            forward pass: FSDP gathers each block from all of them).
     """
     if cpu_offload and world == 1:
         raise LoraqError(
             "--cpu-offload keeps the shards of several processes in host memory; start the run with "
             "`torchrun --nproc-per-node N -m loraq train ...` (N >= 2), or drop --cpu-offload"
         )
+    if cpu_offload and device == "cpu":
+        raise LoraqError("--cpu-offload moves GPU shards to host memory; a CPU run keeps them there already")
     if world > 1 and batch_size % world:
         raise LoraqError(
             f"--batch-size {batch_size} does not split over {world} processes; use a multiple of {world} "

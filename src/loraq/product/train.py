@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -115,10 +116,10 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     torch.manual_seed(config.seed)
     run = RunFolder(config.out)
     rank, world = init_distributed(config.device)
-    check_world(config.batch_size, world, config.cpu_offload)
     writer = rank == 0  # with several processes only rank 0 writes the run folder
     check_run_folder(run, config)
     device, dtype = resolve_device(config, rank, world)
+    check_world(config.batch_size, world, config.cpu_offload, device.type)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # under torchrun each process its own GPU, for nccl too
     tokenizer = tokenizer or load_tokenizer(config.model)
@@ -221,6 +222,13 @@ def _build_model(
         if writer:
             note_load(quant_errors, world)
     else:
+        if world > 1 and writer:
+            source = "the model handed to train" if model is not None else config.model
+            print(
+                f"loraq: note: {source} loads whole on every process, then is sharded (only a full-precision "
+                "safetensors folder loads by rows, and not for GPTQ, which calibrates on the whole model)",
+                file=sys.stderr,
+            )
         model, _, quant_errors = build_base(
             config.model, config.lora, calibration, tokenizer.pad_token_id, model, tokenizer, device
         )
