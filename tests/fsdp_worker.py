@@ -2,8 +2,8 @@
 `torchrun --nproc-per-node 2` (gloo): the same code either way, so the two can be compared.
 
     python tests/fsdp_worker.py train OUT METHOD [JSON options]     loraq.train on the tiny model (METHOD: lora,
-        qlora, qalora, constants, gguf, gptq, qlora-untied), then per-rank storage (OUT/storage-rankN.json) and the
-        whole quantized base gathered from the shards (OUT/base.safetensors, rank 0)
+        qlora, qalora, constants, gguf, gptq, qlora-untied, saved-nf4, saved-int4), then per-rank storage
+        (OUT/storage-rankN.json) and the whole quantized base gathered from the shards (OUT/base.safetensors)
     python tests/fsdp_worker.py cli FAULT STEP [loraq args...]      the `loraq` command, with rank 1 killed
         (FAULT kill) or raising a LoraqError (FAULT raise) after optimizer step STEP
 """
@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def _tiny(method: str, folder: Path):
     """(model name, model or None, tokenizer): the tiny model saved as a folder that train loads (into shards
-    under torchrun), or for "gguf" loaded on the codes of a tiny GGUF (Q4_1 becomes INT4, the others keep
-    their blocks) and handed to train, which shards it after loading."""
+    under torchrun): full precision, or for "saved-nf4" / "saved-int4" already quantized (save_quantized); or
+    for "gguf" loaded on the codes of a tiny GGUF (Q4_1 becomes INT4, the others keep their blocks) and handed
+    to train, which shards it after loading."""
     from conftest import build_tiny_model, build_tokenizer
 
     import loraq
@@ -42,13 +43,16 @@ def _tiny(method: str, folder: Path):
             from test_gguf_blocks import write_tiny_gguf
 
             write_tiny_gguf(model, "llama", source, ["Q4_1", "Q4_0", "Q8_0", "Q5_1"])
+        if method.startswith("saved-"):
+            loraq.quantize(model, loraq.LoraConfig(method="qlora" if method == "saved-nf4" else "qalora"))
+            loraq.save_quantized(model, tokenizer, folder / "saved")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
         dist.barrier()
     if method != "gguf":
-        return str(folder / "hf"), None, tokenizer
+        return str(folder / ("saved" if method.startswith("saved-") else "hf")), None, tokenizer
     model, _ = loraq.load_model(folder / "hf", quantize_layer=GgufCodes(source).quantize_layer)
     return str(folder / "hf"), model, tokenizer
 
@@ -64,7 +68,8 @@ def train_and_report(out: Path, method: str, flags: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name, model, tokenizer = _tiny(method, out)
     options = dict(model=name, data=str(E2E_TINY), out=str(out / "run"), device="cpu", rank=4, warmup_steps=1)
-    options |= {"method": {"qlora-untied": "qlora"}.get(method, method if "lora" in method else "qalora")}
+    named = {"qlora-untied": "qlora", "saved-nf4": "qlora", "saved-int4": "qalora"}
+    options |= {"method": named.get(method, method if "lora" in method else "qalora")}
     if method == "constants":
         options["train_constants"] = "both"
     if method == "gptq":  # calibrated on the whole model: every process quantizes it, then it is sharded

@@ -22,7 +22,7 @@ WORKER = Path(__file__).with_name("fsdp_worker.py")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
 OPTIONS = {"steps": 4, "batch_size": 4, "eval_every": 2, "save_every": 2, "lr": 2e-3}
-METHODS = ["lora", "qlora", "qalora", "constants", "gguf", "gptq", "qlora-untied"]
+METHODS = ["lora", "qlora", "qalora", "constants", "gguf", "gptq", "qlora-untied", "saved-nf4", "saved-int4"]
 
 
 def launch(args: list[str], processes: int, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -105,7 +105,7 @@ def load_quantized(folder: str | os.PathLike, trust_remote_code: bool = False) -
         if keys == ["weight"] and tensors[f"{name}.weight"].is_floating_point():
             continue  # stored unquantized: loaded below like any other tensor
         shape = layer_shape(model.get_submodule(name))
-        take = _taker(tensors, name, where)
+        take = taker(tensors, name, where)
         bias = tensors.pop(f"{name}.bias", None)
         try:
             layer = scheme.layer_from_checkpoint(take, keys, shape, bias)
@@ -119,7 +119,7 @@ def load_quantized(folder: str | os.PathLike, trust_remote_code: bool = False) -
     return _load_rest(model, tensors, where)
 
 
-def _taker(tensors: dict[str, torch.Tensor], name: str, where: Path):
+def taker(tensors: dict[str, torch.Tensor], name: str, where: Path):
     def take(suffix: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
         t = tensors.pop(f"{name}.{suffix}", None)
         if t is None:
@@ -182,6 +182,10 @@ class LazyTensors(dict):
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.handles[key].get_slice(key).get_shape())
+
+    def is_float(self, key: str) -> bool:
+        """Whether `key` is stored as floating point (read from the header alone; False if absent)."""
+        return key in self and self.handles[key].get_slice(key).get_dtype() in ("F64", "F32", "F16", "BF16")
 
     def pop(self, key: str, default=None):
         if key not in self:

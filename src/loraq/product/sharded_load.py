@@ -1,7 +1,7 @@
 """Loading straight into FSDP2 shards: under torchrun each process builds the model on the meta device, attaches
 the adapter, shards it, and only then reads its own rows of each tensor from the safetensors files and quantizes
-them. No process ever holds the whole model, each weight is quantized once in all, and host memory at load is
-the process's shard plus one layer's rows.
+them (or, from a quantized folder, reads each layer and keeps its part). No process ever holds the whole model,
+each weight is quantized once in all, and host memory at load is the process's shard plus one layer.
 
 Rows are where FSDP2 puts them (dim 0, cut as torch.chunk). The quantized formats are laid out rows first
 (quant/frozen.py), so a layer's rows quantize alone; where they cannot (NF4's double quantization spans every
@@ -22,23 +22,27 @@ from torch import nn
 from ..core.layers import is_conv1d, layer_shape, quantizable_linear_names, replace_module
 from ..core.lora import LoraLinear
 from ..errors import LoraqError
-from ..formats.checkpoint import LazyTensors, compute_unsaved_buffers, is_quantized_folder, read_tensors, skeleton
-from ..quant.schemes import RowShard, Scheme
+from ..formats.checkpoint import (
+    LazyTensors,
+    checkpoint_scheme,
+    compute_unsaved_buffers,
+    is_quantized_folder,
+    read_tensors,
+    skeleton,
+    taker,
+)
+from ..quant.schemes import CorruptTensor, RowShard, Scheme
 from .distributed import shard_model
 
 COPY_BYTES = 16 * 2**20  # rows of an unquantized tensor read and copied at a time
 
 
 def sharded_source(folder: Path | None, scheme: Scheme) -> bool:
-    """Whether a model can load into shards: a full-precision safetensors folder, and a scheme that needs no
-    calibration on the whole model (GPTQ does)."""
-    return (
-        folder is not None
-        and folder.is_dir()
-        and any(folder.glob("*.safetensors"))
-        and not is_quantized_folder(folder)
-        and not scheme.needs_calibration
-    )
+    """Whether a model can load into shards: a safetensors folder, quantized (loraq's or bitsandbytes' 4-bit
+    layout) or full precision with a scheme that needs no calibration on the whole model (GPTQ does)."""
+    if folder is None or not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        return False
+    return is_quantized_folder(folder) or not scheme.needs_calibration
 
 
 def load_sharded(
@@ -54,21 +58,30 @@ def load_sharded(
     checkpointing, cast the frozen base): the adapter's initial values are made on the CPU there, from the same
     random stream as in one process. A collective: every rank calls it.
 
+    A quantized folder (`save_quantized`, or transformers + bitsandbytes 4-bit) is read in its own scheme, one
+    layer at a time (each process reads the layer and keeps its part), with no quantization.
+
     Returns:
-        (model, relative weight error of each quantized layer over all processes' rows; {} for LoRA)
+        (model, relative weight error of each layer quantized here over all processes' rows; {} for LoRA or a
+        quantized folder)
 
     Raises:
         LoraqError: a tensor is missing, has the wrong shape, or the file holds one the model lacks.
     """
     tensors, where = read_tensors(folder, lazy=True)
+    stored = checkpoint_scheme(folder)
+    scheme = stored or scheme
     model = skeleton(folder, trust_remote_code=False)
     compute_unsaved_buffers(model, where)  # rotary tables: on the CPU, before anything is sharded
     layers = quantizable_linear_names(model) if scheme.quantized else []
+    if stored is not None:  # layers the checkpoint keeps in full precision stay plain
+        layers = [n for n in layers if not tensors.is_float(f"{n}.weight")]
     for name in layers:
         module = model.get_submodule(name)
         shape = layer_shape(module)
         scheme.check(name, shape)
-        _check_shape(tensors, f"{name}.weight", shape[::-1] if is_conv1d(module) else shape, where)
+        if stored is None:
+            _check_shape(tensors, f"{name}.weight", shape[::-1] if is_conv1d(module) else shape, where)
         weight = torch.empty(shape, device="meta")
         bias = None if module.bias is None else torch.empty(shape[0], device="meta")
         replace_module(model, name, scheme.quantize_layer(name, weight, bias))
@@ -77,7 +90,7 @@ def load_sharded(
     prepare(model)
     shard_model(model, device, cpu_offload)
     _materialize(model, device)
-    errors = _fill(model, tensors, scheme, layers, where, device)
+    errors = _fill(model, tensors, scheme, layers, where, device, stored is not None)
     model.eval()
     return model, errors
 
@@ -98,7 +111,13 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
 
 
 def _fill(
-    model: nn.Module, tensors: LazyTensors, scheme: Scheme, layers: list[str], where: Path, device: torch.device
+    model: nn.Module,
+    tensors: LazyTensors,
+    scheme: Scheme,
+    layers: list[str],
+    where: Path,
+    device: torch.device,
+    quantized: bool,
 ) -> dict[str, float]:
     """Read (and quantize) this process's rows of every tensor of the file into its shard."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -110,6 +129,10 @@ def _fill(
             key = f"{name}.weight"
             start, stop = _cut(layer.out_features, rank, world)
             shard = RowShard(start, stop, layer.out_features, rank, world, _gather)
+            if quantized:
+                _fill_stored(layer, name, scheme, tensors, shard, where)
+                filled |= {id(t) for t in [*layer.quantized_tensors().values(), layer.bias] if t is not None}
+                continue
             weight = _weight_rows(tensors, key, start, stop, layer).to(device)
             made = scheme.quantize_rows(name, weight, shard, layer)
             if made is None:  # a layout whose rows are not their own: the whole layer, on every process
@@ -151,11 +174,33 @@ def _fill(
     missing = [n for n, p in model.named_parameters() if id(p) not in filled and not p.requires_grad]
     if missing:
         raise LoraqError(f"{where}: no tensor for {missing[:5]}")
-    if not layers:
+    if not layers or quantized:
         return {}
     totals = torch.tensor(squares, dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     return {name: float(n.sqrt() / d.sqrt().clamp(min=1e-30)) for name, (n, d) in zip(layers, totals.cpu())}
+
+
+def _fill_stored(layer: nn.Module, name: str, scheme: Scheme, tensors: LazyTensors, shard: RowShard, where) -> None:
+    """A quantized checkpoint's layer: read whole (one layer), checked by its scheme, this process's part kept."""
+    suffixes = [k[len(name) + 1 :] for k in tensors if k.startswith(name + ".") and k != f"{name}.bias"]
+    bias = tensors.pop(f"{name}.bias", None)
+    try:
+        whole = scheme.layer_from_checkpoint(taker(tensors, name, where), suffixes, layer_shape(layer), bias)
+    except CorruptTensor as e:
+        raise LoraqError(f"{where}: tensor {name}.{e.suffix} {e.why}; the quantized checkpoint is corrupt") from None
+    for suffix in suffixes:  # what the scheme did not need (bitsandbytes' quant maps)
+        tensors.pop(f"{name}.{suffix}", None)
+    ours = layer.quantized_tensors()
+    for suffix, t in whole.quantized_tensors().items():
+        if ours[suffix].shape != t.shape:
+            raise LoraqError(
+                f"{where}: layer {name} is stored as {suffix} {tuple(t.shape)}, but this run's "
+                f"{scheme.describe()} layer holds {tuple(ours[suffix].shape)}"
+            )
+        _local(ours[suffix]).copy_(shard.chunk(t))
+    if layer.bias is not None:
+        _local(layer.bias).copy_(shard.chunk(whole.bias.detach()))
 
 
 def _base(module: nn.Module) -> nn.Module:

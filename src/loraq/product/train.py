@@ -225,8 +225,8 @@ def _build_model(
         if world > 1 and writer:
             source = "the model handed to train" if model is not None else config.model
             print(
-                f"loraq: note: {source} loads whole on every process, then is sharded (only a full-precision "
-                "safetensors folder loads by rows, and not for GPTQ, which calibrates on the whole model)",
+                f"loraq: note: {source} loads whole on every process, then is sharded (safetensors folders load "
+                "by rows, but not for GPTQ, which calibrates on the whole model)",
                 file=sys.stderr,
             )
         model, _, quant_errors = build_base(
