@@ -117,9 +117,9 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     run = RunFolder(config.out)
     rank, world = init_distributed(config.device)
     writer = rank == 0  # with several processes only rank 0 writes the run folder
-    check_run_folder(run, config)
     device, dtype = resolve_device(config, rank, world)
     check_world(config.batch_size, world, config.cpu_offload, device.type)
+    check_run_folder(run, config)  # (after every check of the options: --overwrite clears old checkpoints)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # under torchrun each process its own GPU, for nccl too
     tokenizer = tokenizer or load_tokenizer(config.model)
