@@ -3,6 +3,7 @@ and QA-LoRA. A benchmark, not a test.
 
     .venv/bin/python bench/fsdp.py                          # qlora and qalora, 6 steps of batch 8
     .venv/bin/python bench/fsdp.py --methods qlora --steps 4
+    .venv/bin/python bench/fsdp.py --mmap-threshold 1048576   # glibc returns big blocks: RSS ~ tensors
 
 Each setting is `loraq.train` in fresh processes (`torchrun --nproc-per-node 2` for two), twice: once timed
 (tokens/s, RSS sampled every 20 ms: whole, anonymous and file-backed, at load and in training; the base each
@@ -134,8 +135,12 @@ def tensor_peaks(profiler, trace: Path) -> dict[str, int]:
 # --- the comparison ---------------------------------------------------------------------------------------
 
 
-def launch(method: str, processes: int, out: Path, steps: int, batch_size: int, profiled: bool) -> list[dict]:
+def launch(
+    method: str, processes: int, out: Path, steps: int, batch_size: int, profiled: bool, mmap_threshold: int | None
+) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": str(2 // processes)}
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     head = [sys.executable] if processes == 1 else [str(Path(sys.executable).with_name("torchrun")),
                                                      "--standalone", "--nproc-per-node", str(processes)]  # fmt: skip
     args = [str(HERE), "--worker", method, str(out), str(steps), str(batch_size), "1" if profiled else "0"]
@@ -180,6 +185,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default="runs/bench-fsdp")
+    parser.add_argument("--mmap-threshold", type=int, default=None, help="MALLOC_MMAP_THRESHOLD_ for every run")
     parser.add_argument("--worker", nargs=5, metavar=("METHOD", "OUT", "STEPS", "BATCH", "PROFILED"))
     args = parser.parse_args()
     if args.worker:
@@ -193,8 +199,8 @@ def main() -> None:
     for method in args.methods.split(","):
         for processes in (1, 2):
             out = Path(args.out) / f"{method}-{processes}"
-            timed = launch(method, processes, out / "timed", args.steps, args.batch_size, False)
-            profiled = launch(method, processes, out / "profiled", 2, args.batch_size, True)
+            timed = launch(method, processes, out / "timed", args.steps, args.batch_size, False, args.mmap_threshold)
+            profiled = launch(method, processes, out / "profiled", 2, args.batch_size, True, args.mmap_threshold)
             plan = plan_memory("smollm2-135m", method, args.batch_size, 256, world_size=processes)
             results[f"{method}, {processes}"] = {
                 **summarize(timed, profiled), "plan_peak": plan.on_device, "plan_load": plan.load_host,
@@ -202,7 +208,9 @@ def main() -> None:
             }  # fmt: skip
             print(f"{method} on {processes}: {json.dumps(results[f'{method}, {processes}'])}", flush=True)
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "results": results}, indent=1))
+    target = RESULTS.with_name("fsdp-mmap.json") if args.mmap_threshold else RESULTS
+    summary = {"steps": args.steps, "batch_size": args.batch_size, "mmap_threshold": args.mmap_threshold}
+    target.write_text(json.dumps({**summary, "results": results}, indent=1))
     print(table(results, args.methods.split(",")))
 
 

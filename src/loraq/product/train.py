@@ -45,6 +45,7 @@ from .distributed import (
     shard_model,
     sum_over_ranks,
 )
+from .loss import chunked_head_loss
 from .models import load_tokenizer, model_folder
 from .report import write_report
 from .resume import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
@@ -416,28 +417,65 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and how many there were.
 
-    Only positions where some row has a label get logits: with the loss on short responses this skips
-    most of the (vocab-wide) output head.
+    `chunked` (where the model's head is a plain frozen linear layer): the head and the loss run a chunk of
+    labelled positions at a time and the logits never exist whole (loss.py). Otherwise only positions where
+    some row has a label get logits: with the loss on short responses this skips most of the output head.
     """
     labels = batch["labels"][:, 1:]
     keep = (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # positions t predicting t+1
     kwargs = {}
-    if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = keep
-        labels = labels[:, keep]
     if "position_ids" in batch:  # packed: positions restart per example and transformers masks across them
         kwargs.update(position_ids=batch["position_ids"], use_cache=False)
     else:
         kwargs["attention_mask"] = batch["attention_mask"]
+    head = _plain_head(model) if chunked and _accepts_logits_to_keep(model) else None
+    if head is not None:
+        none = torch.zeros(0, dtype=torch.long, device=keep.device)  # the model computes no logits at all
+        out = model(input_ids=batch["input_ids"], logits_to_keep=none, output_hidden_states=True, **kwargs)
+        labelled = labels != IGNORE_INDEX
+        hidden = out.hidden_states[-1][:, :-1][labelled]  # (N, H): the positions that carry a label
+        targets, n = labels[labelled], int(labelled.sum())
+        if _is_sharded(head.weight):  # an FSDP2 unit of its own, sharded again after the forward pass:
+            logits = head(hidden).float()  # its own call gathers it (the labelled rows' logits, at once)
+            return F.cross_entropy(logits, targets, reduction="sum"), n
+        return chunked_head_loss(hidden, head.weight, head.bias, targets), n
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+        labels = labels[:, keep]
     logits = model(input_ids=batch["input_ids"], **kwargs).logits
     if "logits_to_keep" not in kwargs:
         logits = logits[:, :-1]
     n = int((labels != IGNORE_INDEX).sum())
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, n
+
+
+# config fields of models whose logits are more than the head's output (Gemma 2's soft-capping, Cohere's and
+# Granite's scales): they keep the full-logit loss
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _plain_head(model: nn.Module) -> nn.Linear | None:
+    """The output head where the chunked loss can stand in for it: a frozen plain linear layer whose output is
+    the logits as they are. Decided from these facts alone, never from the moment's sharding state, so that a
+    run computes the same way at every step (an FSDP2 root's weight is whole after a forward pass, sharded
+    between steps)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if type(head) is not nn.Linear or head.weight.requires_grad:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
