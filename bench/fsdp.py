@@ -6,8 +6,9 @@ and QA-LoRA. A benchmark, not a test.
     .venv/bin/python bench/fsdp.py --mmap-threshold 1048576   # glibc returns big blocks: RSS ~ tensors
 
 Each setting is `loraq.train` in fresh processes (`torchrun --nproc-per-node 2` for two), twice: once timed
-(tokens/s, RSS sampled every 20 ms: whole, anonymous and file-backed, at load and in training; the base each
-process holds; the seconds of the final gather-and-save), once for 2 steps under the profiler (the peak of
+(tokens/s; RSS sampled every 20 ms by loraq's HostMemory, whole, anonymous and file-backed, at load and in
+training; the base each process holds; the seconds of the final gather-and-save), once for 2 steps under
+the profiler (the peak of
 live tensors at load and in training, which glibc's RSS hides: DESIGN.md §11). Per process, the largest
 over the processes; beside each, `loraq plan`'s estimate. Writes bench/results/fsdp.json.
 
@@ -24,7 +25,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -36,59 +36,28 @@ MB = 2**20
 # --- inside each process ----------------------------------------------------------------------------------
 
 
-class Sampler(threading.Thread):
-    """Peak VmRSS / RssAnon / RssFile of this process in each phase, read from /proc every 20 ms."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.phase, self.peaks, self.stopped = "start", {}, False
-
-    @staticmethod
-    def read() -> dict[str, int]:
-        fields = {}
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile"):
-                fields[key] = int(value.split()[0]) * 1024
-        return fields
-
-    def sample(self) -> None:
-        peak = self.peaks.setdefault(self.phase, {})
-        for key, value in self.read().items():
-            peak[key] = max(peak.get(key, 0), value)
-
-    def run(self) -> None:
-        while not self.stopped:
-            self.sample()
-            time.sleep(0.02)
-
-    def enter(self, phase: str) -> None:
-        self.sample()
-        self.phase = phase
-        self.sample()
-
-
 def worker(method: str, out: Path, steps: int, batch_size: int, profiled: bool) -> None:
     import torch
 
     from loraq import TrainConfig
     from loraq.product import train as train_module
     from loraq.product.distributed import local_bytes
+    from loraq.product.host_memory import HostMemory, read_status
 
     rank = int(os.environ.get("RANK", "0"))
-    sampler = Sampler()
-    sampler.start()
-    facts: dict = {"rss_before_load": Sampler.read()}
+    sampler = HostMemory(interval=0.02)
+    sampler.__enter__()
+    facts: dict = {"rss_before_load": read_status()}
     build = train_module._build_model
 
     def timed_build(*args, **kwargs):
-        sampler.enter("load")
+        sampler.phase("load")
         with torch.profiler.record_function("bench.load"):
             model = build(*args, **kwargs)
         frozen = [p for p in model.parameters() if not p.requires_grad]
         facts["base_bytes"] = sum(local_bytes(p) for p in frozen)
         facts["base_bytes_whole"] = sum(p.numel() * p.element_size() for p in frozen)
-        sampler.enter("train")
+        sampler.phase("train")
         return model
 
     gathered = train_module.gathered_trainables
@@ -109,8 +78,7 @@ def worker(method: str, out: Path, steps: int, batch_size: int, profiled: bool) 
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
     with profiler if profiled else contextlib.nullcontext():
         train_module.train(config, progress=False)
-    sampler.stopped = True
-    sampler.enter("end")
+    sampler.__exit__(None, None, None)
     facts["rss"] = sampler.peaks
     if profiled:
         facts["tensor_peak"] = tensor_peaks(profiler, out / f"trace-rank{rank}.json")
@@ -163,12 +131,12 @@ def summarize(timed: list[dict], profiled: list[dict]) -> dict:
         return max(get(f) for f in timed)
 
     return {
-        "rss_load": most(lambda f: f["rss"]["load"]["VmRSS"]),
-        "anon_load": most(lambda f: f["rss"]["load"]["RssAnon"]),
-        "rss_train": most(lambda f: f["rss"]["train"]["VmRSS"]),
-        "anon_train": most(lambda f: f["rss"]["train"]["RssAnon"]),
-        "rss_before_load": most(lambda f: f["rss_before_load"]["VmRSS"]),
-        "anon_before_load": most(lambda f: f["rss_before_load"]["RssAnon"]),
+        "rss_load": most(lambda f: f["rss"]["load"]["rss"]),
+        "anon_load": most(lambda f: f["rss"]["load"]["anonymous"]),
+        "rss_train": most(lambda f: f["rss"]["train"]["rss"]),
+        "anon_train": most(lambda f: f["rss"]["train"]["anonymous"]),
+        "rss_before_load": most(lambda f: f["rss_before_load"]["rss"]),
+        "anon_before_load": most(lambda f: f["rss_before_load"]["anonymous"]),
         "base_bytes": most(lambda f: f["base_bytes"]),
         "base_bytes_whole": timed[0]["base_bytes_whole"],
         "tensor_peak_load": max(f["tensor_peak"]["load"] for f in profiled),

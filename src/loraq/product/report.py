@@ -17,7 +17,7 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def summarize(metrics: list[dict], seconds: float) -> dict:
+def summarize(metrics: list[dict], seconds: float, host: dict[str, int | None] | None = None) -> dict:
     val = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
     best_step, best = min(val, key=lambda sv: sv[1]) if val else (None, None)
     train = [r for r in metrics if "loss" in r]
@@ -31,6 +31,9 @@ def summarize(metrics: list[dict], seconds: float) -> dict:
         "wall_seconds": round(seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    for kind, value in (host or {}).items():  # the process's own memory apart from mapped files (host_memory.py)
+        if value is not None:
+            summary[f"peak_{kind}_mb"] = round(value / 2**20, 1)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return summary
@@ -70,17 +73,22 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, seconds: float) -> dict:
-    """Write loss.png and summary.json for the run folder `out`, print the summary, return it."""
+def write_report(out: Path, seconds: float, host: dict[str, int | None] | None = None) -> dict:
+    """Write loss.png and summary.json for the run folder `out`, print the summary, return it. `host`: peak
+    resident bytes by kind ("anonymous": the process's own; "files": mapped files), where measured."""
     metrics = read_metrics(out / "metrics.jsonl")
-    summary = summarize(metrics, seconds)
+    summary = summarize(metrics, seconds, host)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_losses(metrics, out / "loss.png", title=out.name)
     best = summary["best_val_loss"]
     best_text = "n/a" if best is None else f"{best:.4f} (step {summary['best_val_step']})"
+    own = ""
+    if "peak_anonymous_mb" in summary:
+        own = f" (the process's own {summary['peak_anonymous_mb']:,.0f} MB"
+        own += f", mapped files up to {summary['peak_files_mb']:,.0f} MB)" if "peak_files_mb" in summary else ")"
     print(
         f"loraq: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, {seconds / 60:.1f} min, peak RSS "
-        f"{summary['peak_rss_mb']:.0f} MB; best validation loss {best_text}; {out / 'loss.png'}",
+        f"{summary['peak_rss_mb']:.0f} MB{own}; best validation loss {best_text}; {out / 'loss.png'}",
         file=sys.stderr,
     )
     return summary

@@ -45,6 +45,7 @@ from .distributed import (
     shard_model,
     sum_over_ranks,
 )
+from .host_memory import HostMemory
 from .loss import chunked_head_loss
 from .models import load_tokenizer, model_folder
 from .report import write_report
@@ -113,6 +114,11 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             incompatible one (with `resume`): before any training step. A NaN or infinite loss: the run
             stops, the last good checkpoint stays.
     """
+    with HostMemory() as host:
+        return _train(config, model, tokenizer, progress, host)
+
+
+def _train(config: TrainConfig, model: nn.Module | None, tokenizer, progress: bool, host: HostMemory) -> TrainResult:
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     run = RunFolder(config.out)
@@ -176,7 +182,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         with gathered_trainables(model):  # every rank gathers the adapter; rank 0 writes it
             if writer:
                 save_adapter(model, run.adapter_dir)
-                write_report(run.path, seconds)
+                write_report(run.path, seconds, {k: host.peak(k) for k in ("anonymous", "files")})
     barrier()
     return TrainResult(
         model, tokenizer, run.path, val_before, val_after, losses, seconds, data.dropped, data.truncated, stopped_at

@@ -1,0 +1,42 @@
+"""The process's own memory apart from mapped files (product/host_memory.py), as the run summary reports it."""
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import E2E_TINY
+
+import loraq
+from loraq.product.host_memory import HostMemory, read_status
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+
+
+@linux
+def test_a_tensor_counts_as_anonymous_and_a_mapped_file_as_file_pages(tmp_path):
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"\1" * (64 * 2**20))
+    before = read_status()
+    with HostMemory(interval=0.01) as memory:
+        memory.phase("tensor")
+        t = torch.ones(32 * 2**20 // 4)  # 32 MiB, written
+        memory.phase("file")
+        mapped = torch.from_file(str(path), shared=True, size=64 * 2**20, dtype=torch.uint8)
+        assert int(mapped.sum()) == 64 * 2**20  # every page read
+        memory.phase("done")
+    grew = memory.peaks["tensor"]["anonymous"] - before["anonymous"]
+    assert grew >= 30 * 2**20
+    assert memory.peaks["file"]["files"] - before["files"] >= 60 * 2**20
+    assert memory.peak("rss") >= memory.peak("anonymous") + 60 * 2**20 > 0
+    del t, mapped
+
+
+@linux
+def test_the_run_summary_says_what_the_process_itself_needed(tmp_path, tiny_model_dir):
+    config = loraq.TrainConfig(model=str(tiny_model_dir), data=str(E2E_TINY), steps=1, batch_size=2,
+                               eval_every=0, out=str(tmp_path / "run"))  # fmt: skip
+    loraq.train(config, progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 < summary["peak_anonymous_mb"] <= summary["peak_rss_mb"]
+    assert summary["peak_files_mb"] > 0
