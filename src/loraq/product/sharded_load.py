@@ -89,25 +89,30 @@ def load_sharded(
         p.requires_grad_(False)
     prepare(model)
     shard_model(model, device, cpu_offload)
-    _materialize(model, device)
+    _materialize(model, device, cpu_offload)
     errors = _fill(model, tensors, scheme, layers, where, device, stored is not None)
     model.eval()
     return model, errors
 
 
-def _materialize(model: nn.Module, device: torch.device) -> None:
-    """Give every meta tensor memory on `device` (its shard only), keeping the values of the others (the
-    adapter, computed buffers): to_empty reallocates them all."""
+def _materialize(model: nn.Module, device: torch.device, cpu_offload: bool) -> None:
+    """Give every meta tensor memory (its shard only) on `device`, or the shards in host memory with CPU offload
+    (FSDP2 copies them to the device as it gathers them; the buffers still go to the device), keeping the
+    values of the tensors that have them (the adapter, computed buffers): to_empty reallocates them all."""
     kept = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         local = _local(t)
         if not local.is_meta:
             kept[name] = local.detach().clone()
-    model.to_empty(device=device)
+    model.to_empty(device=torch.device("cpu") if cpu_offload else device)
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if name in kept:
                 _local(t).copy_(kept.pop(name))
+    if cpu_offload:
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device)
 
 
 def _fill(
