@@ -41,7 +41,7 @@ def worker(method: str, out: Path, steps: int, batch_size: int, profiled: bool) 
 
     from loraq import TrainConfig
     from loraq.product import train as train_module
-    from loraq.product.distributed import local_bytes
+    from loraq.product.distributed import barrier, local_bytes, shutdown
     from loraq.product.host_memory import HostMemory, read_status
 
     rank = int(os.environ.get("RANK", "0"))
@@ -83,6 +83,8 @@ def worker(method: str, out: Path, steps: int, batch_size: int, profiled: bool) 
     if profiled:
         facts["tensor_peak"] = tensor_peaks(profiler, out / f"trace-rank{rank}.json")
     (out / f"rank{rank}.json").write_text(json.dumps(facts))
+    barrier()  # leave together, then close the process group
+    shutdown()
 
 
 def tensor_peaks(profiler, trace: Path) -> dict[str, int]:

@@ -62,7 +62,7 @@ def train_and_report(out: Path, method: str, flags: str) -> None:
     from safetensors.torch import save_file
 
     from loraq import TrainConfig, train
-    from loraq.product.distributed import full_tensor, local_bytes
+    from loraq.product.distributed import barrier, full_tensor, local_bytes, shutdown
     from loraq.quant.frozen import FrozenQuantized
 
     out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +89,9 @@ def train_and_report(out: Path, method: str, flags: str) -> None:
     (out / f"storage-rank{rank}.json").write_text(json.dumps(storage))
     if rank == 0:
         save_file(base, str(out / "base.safetensors"))
+    # leave together: a process that exits while its peer still reads the last gather's bytes resets the socket
+    barrier()
+    shutdown()
 
 
 def cli_with_fault(fault: str, step: int, args: list[str]) -> int:

@@ -30,9 +30,16 @@ def launch(args: list[str], processes: int, timeout: float = 240) -> subprocess.
     return subprocess.run([*head, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def failure(done: subprocess.CompletedProcess) -> str:
+    """What to show of a failed run: every process's own error lines, then the end of the output."""
+    own = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line or "abort" in line.lower()]
+    return "\n".join(own[:40]) + "\n...\n" + done.stderr[-3000:]
+
+
 def worker_run(out: Path, method: str, processes: int, **options) -> Path:
     done = launch([str(WORKER), "train", str(out), method, json.dumps({**OPTIONS, **options})], processes)
-    assert done.returncode == 0, done.stderr[-4000:]
+    (out / "stderr.txt").write_text(done.stderr)
+    assert done.returncode == 0, failure(done)
     return out
 
 
