@@ -12,7 +12,7 @@ adapter alone in PEFT's format (as PEFT models' checkpoints do) and resume from 
     trainer.train(resume_from_checkpoint=True)        # reloads the adapter, optimizer and schedule
 
 Without the mixin such a model trains there too, but each checkpoint is the whole model (the frozen 4-bit
-buffers included) and resuming needs the whole model back.
+codes included) and resuming needs the whole model back.
 """
 
 from __future__ import annotations
