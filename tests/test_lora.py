@@ -118,3 +118,29 @@ def test_gradients_only_on_adapter():
     a = layer.adapters["default"]
     assert a.A.grad is not None and a.B.grad is not None
     assert layer.base.weight.grad is None
+
+
+@pytest.mark.skipif(not __import__("loraq.product.device", fromlist=["x"]).cpu_supports_bf16(), reason="no bf16")
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_under_autocast_adapters_keep_the_16_bit_input_itself_for_backward(method):
+    """On a GPU the frozen base is 16-bit and so is the input of q, k and v: their adapters must keep that very
+    tensor for backward, not each a copy cast to fp32 and back (DESIGN.md §11)."""
+    import loraq
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"q_proj": nn.Linear(64, 48), "k_proj": nn.Linear(64, 16)})
+    loraq.apply(model, loraq.LoraConfig(r=4, targets="all-linear", method=method))
+    leaf = torch.randn(32, 64, requires_grad=True)
+    x = (leaf * 1.0).bfloat16()  # an activation in 16 bits, as the normed input of a block on a GPU
+    kept: set[int] = set()
+
+    def pack(t):
+        if t.numel() == x.numel():  # the layer's input, or a copy of it
+            kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model["q_proj"](x).float().sum() + model["k_proj"](x).float().sum()
+    y.backward()
+    assert kept == {x.untyped_storage().data_ptr()}
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()

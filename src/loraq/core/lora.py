@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraqError
+from ..quant.frozen import FrozenQuantized
 from ..quant.schemes import Scheme, scheme_of
 from .config import LoraConfig
 from .layers import layer_shape
@@ -68,7 +69,12 @@ class LoraAdapter(nn.Module):
         return self.gamma is not None or self.delta is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x.to(self.A.dtype))
+        if self.pool > 1 or not torch.is_autocast_enabled(x.device.type):
+            # (pooled sums in fp32; the fp32 copy is not kept for backward, only the pooled input is)
+            x = x.to(self.A.dtype)
+        # under autocast the input stays in its 16-bit dtype: the matmul keeps that very tensor for backward,
+        # the one the base layer keeps too, instead of a second copy cast there and back
+        x = self.dropout(x)
         if self.pooling == "mean":  # adapters saved before sum pooling: computed exactly as they were
             x = x.unflatten(-1, (-1, self.pool)).mean(dim=-1)
         elif self.pool > 1:
@@ -137,16 +143,21 @@ class LoraLinear(nn.Module):
         if self.active is None or self.disabled or self.merged is not None:
             return self.base(x)
         adapter = self.adapters[self.active]
+        out_dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):  # one 16-bit copy of the input, for base and adapter alike
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         written = self._written_weight(adapter) if adapter.r else None
         if written is not None:
             # The base's format cannot hold every update exactly (GGUF types without free offsets): compute with
             # the weights the merged file will hold, and pass the gradient to the adapter as if they held its
             # update (straight-through). The model trained and validated is then the file that is written.
-            z = adapter(x).to(x.dtype)
+            z = adapter(x).to(out_dtype)
             bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
-            return F.linear(x, written.to(x.dtype), bias) + (z - z.detach())
+            return F.linear(x, written.to(x.dtype), bias).to(out_dtype) + (z - z.detach())
         # with trained group constants the base computes with them
         y = self.base(x, adapter.gamma, adapter.delta) if adapter.trains_constants else self.base(x)
+        if isinstance(self.base, FrozenQuantized):  # (a quantized layer answers in its input's dtype)
+            y = y.to(out_dtype)
         return y + adapter(x).to(y.dtype) if adapter.r else y
 
     def _written_weight(self, adapter: LoraAdapter) -> torch.Tensor | None:
