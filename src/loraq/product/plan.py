@@ -1,11 +1,10 @@
 """`loraq plan`: estimate the memory a fine-tune needs before anything is loaded — from the model's
 config.json only — split into weights, adapter (+ its gradients and AdamW state), activations and runtime.
 
-Activations are counted per token and layer as the tensors autograd keeps for a Llama-style block (norm
-inputs, q/k/v, attention output, the MLP's gate/up/product, and each adapted layer's input), in the compute
-dtype, plus the logits and their gradient at the positions that carry a loss. With gradient checkpointing only
-each block's input is kept, plus one block recomputed at a time. The constants are calibrated on the default
-model (docs/usage.md gives how far the estimate is from measured peaks).
+Activations are counted per token and layer as the bytes autograd keeps for a Llama-style block (measured:
+SAVED_PER_TOKEN), plus the chunked loss's one chunk of logits and the labelled positions' hidden states. With
+gradient checkpointing only each block's input is kept, plus one block recomputed at a time. The constants are
+measured on the default model (docs/usage.md gives how far the estimate is from measured peaks).
 """
 
 from __future__ import annotations
@@ -15,12 +14,18 @@ from dataclasses import dataclass
 from ..core.config import METHODS, LoraConfig
 from ..errors import LoraqError
 from ..quant.schemes import scheme_for
+from .loss import CHUNK_TOKENS
 
 RUNTIME_BYTES = 420 * 2**20  # Python, torch and transformers loaded, before any tensor of the model
 CUDA_CONTEXT_BYTES = 500 * 2**20  # a CUDA context and cuBLAS workspaces, on the GPU
 ALLOCATOR_SLACK = 1.10  # freed-but-not-returned memory of the C allocator
-BLOCK_FLOATS_PER_HIDDEN = 14  # saved activations per token per block, in units of the hidden size ...
-BLOCK_FLOATS_PER_FFN = 5  # ... and of the MLP size
+# Bytes a decoder block keeps for backward per token, as (hidden, key/value width, MLP width, adapter rank)
+# multipliers, measured on a Llama block with adapters on all 7 projections (DESIGN.md §11: 4,732 MiB predicted
+# vs 4,738 measured on the default model at 8x512): fp32 compute on a CPU, 16-bit autocast on a GPU.
+SAVED_PER_TOKEN = {4: (24, 8, 16, 28), 2: (24, 4, 8, 14)}
+# The chunked loss (loss.py) holds one chunk's fp32 logits and what its softmax and logsumexp need beside them:
+# 1.3 chunks, from bench/memory.py (681 MiB step peak with checkpointing = block inputs + one block + the loss)
+LOSS_CHUNKS_HELD = 1.3
 GATHERED_BLOCKS = 2  # FSDP2 gathers the next block while the current one computes
 
 # Shapes of models people plan for before downloading them (plan reads these offline; any other model needs its
@@ -160,10 +165,12 @@ def plan_memory(
     block_trainable = sum(rank * (i // lora.pool + o) + constants * o * (i // lora.pool) for i, o in shapes)
     trainable = layers * block_trainable
     tokens = batch_size // world_size * seq_len
-    per_block = tokens * (BLOCK_FLOATS_PER_HIDDEN * h + BLOCK_FLOATS_PER_FFN * f) * compute_bytes
+    a, b, c, d = SAVED_PER_TOKEN[2 if compute_bytes == 2 else 4]
+    per_block = tokens * (a * h + b * kv + c * f + d * rank)
     # with checkpointing: each block's input, plus one block's activations while it is recomputed
     activations = layers * tokens * h * compute_bytes + per_block if grad_checkpoint else layers * per_block
-    activations += int(3 * tokens * loss_fraction * vocab * 4)  # logits, log-softmax, their gradient (fp32)
+    labelled = int(tokens * loss_fraction)  # the loss's rows: one chunk of fp32 logits at a time
+    activations += int(LOSS_CHUNKS_HELD * min(labelled, CHUNK_TOKENS) * vocab * 4) + labelled * h * compute_bytes
     largest = max(i * o for i, o in shapes)
     # a 4-bit layer dequantizes into a buffer in the compute dtype (on a CPU also the fp32 values and an index)
     workspace = largest * (compute_bytes + (0 if device == "cuda" else 5)) if scheme.quantized else 0
