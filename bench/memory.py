@@ -6,7 +6,7 @@ bitsandbytes, with and without gradient checkpointing, side by side in alternati
 
 The default model, real English (E2E descriptions end to end) with the loss on every token (DESIGN.md §11's
 setting). Per process: the step's tensor peak (the profiler's live CPU tensor bytes during one step, beyond
-the model already loaded), its peak RSS, and the median step time of the unprofiled steps. Writes
+the model already loaded), the peak RSS of the unprofiled steps (loading included), and their median time. Writes
 bench/results/memory.json.
 """
 
@@ -98,6 +98,7 @@ def measure(which: str, checkpointing: bool, batch: int, seq: int, rank: int, st
         optimizer.zero_grad(set_to_none=True)
         if i:
             times.append(time.perf_counter() - t0)
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the profiler's own memory
     trace = Path(f"/tmp/loraq-bench-memory-{which}-{checkpointing}.json")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -110,7 +111,7 @@ def measure(which: str, checkpointing: bool, batch: int, seq: int, rank: int, st
         "which": which,
         "checkpointing": checkpointing,
         "tensor_peak": peak,
-        "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_peak": rss_peak,
         "step_s": statistics.median(times),
         "loss": losses[0],
     }
