@@ -80,7 +80,9 @@ def step_fn(which: str, model, x):
     return step
 
 
-def measure(which: str, checkpointing: bool, batch: int, seq: int, rank: int, steps: int) -> dict:
+def measure(which: str, checkpointing: bool, batch: int, seq: int, rank: int, steps: int, trim: bool = False) -> dict:
+    import ctypes
+
     import torch
 
     torch.manual_seed(0)
@@ -91,11 +93,14 @@ def measure(which: str, checkpointing: bool, batch: int, seq: int, rank: int, st
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     step = step_fn(which, model, x)
     times, losses = [], []
+    libc = ctypes.CDLL("libc.so.6") if trim else None
     for i in range(1 + steps):  # one warm-up step, then timed ones
         t0 = time.perf_counter()
         losses.append(step())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if libc is not None:  # --malloc-trim: hand glibc's free heap back to the kernel after every step
+            libc.malloc_trim(0)
         if i:
             times.append(time.perf_counter() - t0)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the profiler's own memory
@@ -126,11 +131,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--setups", default=",".join(SETUPS))
     ap.add_argument("--checkpointing", default="on,off", help="on, off, or on,off")
+    ap.add_argument("--malloc-trim", action="store_true", help="malloc_trim(0) after every step (glibc)")
     ap.add_argument("--child", nargs=2, metavar=("SETUP", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         which, ckpt = args.child
-        print(json.dumps(measure(which, ckpt == "on", args.batch, args.seq, args.rank, args.steps)))
+        print(json.dumps(measure(which, ckpt == "on", args.batch, args.seq, args.rank, args.steps, args.malloc_trim)))
         return
     results: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.rounds):
@@ -138,6 +144,7 @@ def main() -> None:
             for which in args.setups.split(","):
                 cmd = [sys.executable, str(HERE), "--child", which, ckpt]
                 cmd += [f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "rank", "steps")]
+                cmd += ["--malloc-trim"] if args.malloc_trim else []
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 results.setdefault((which, ckpt), []).append(json.loads(out.strip().splitlines()[-1]))
                 print(f"  {which} checkpointing {ckpt}: {results[which, ckpt][-1]}", file=sys.stderr, flush=True)
@@ -154,7 +161,7 @@ def main() -> None:
             lines.append(f"| {ckpt} | {which} | {med(key, 'tensor_peak') / MB:,.0f} | {med(key, 'rss_peak') / MB:,.0f} "
                          f"| {med(key, 'step_s'):.2f} | {results[key][0]['loss']:.4f} |")  # fmt: skip
     print("\n".join(lines))
-    out = HERE.parent / "results" / "memory.json"
+    out = HERE.parent / "results" / ("memory-malloc-trim.json" if args.malloc_trim else "memory.json")
     out.write_text(json.dumps({f"{w}, checkpointing {c}": r for (w, c), r in results.items()}, indent=1))
 
 
