@@ -107,27 +107,35 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
         model.set_requires_gradient_sync(sync)
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a sharded one (a collective), or `t` itself."""
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is a sharded (distributed) tensor, as FSDP2 makes its parameters."""
     from torch.distributed.tensor import DTensor
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded tensor (no communication), or `t` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (a collective), or `t` itself."""
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`full` cut the way `like` is sharded (this rank's part; no communication), or `full` for a plain `like`."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 
-    if not isinstance(like, DTensor):
+    if not is_dtensor(like):
         return full.to(like.device)
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def local_bytes(t: torch.Tensor) -> int:
     """The bytes of `t` this process holds (its shard of a sharded tensor)."""
-    from torch.distributed.tensor import DTensor
-
-    local = t.to_local() if isinstance(t, DTensor) else t
+    local = local_tensor(t)
     return local.numel() * local.element_size()
 
 
@@ -136,12 +144,10 @@ def gathered_trainables(model: nn.Module) -> Iterator[None]:
     """While inside, every trainable parameter of a sharded model is whole on every rank (a collective on
     entry), so adapter code that reads them (save_adapter) runs unchanged; the sharded ones come back on exit.
     Only the adapter is gathered, never the base."""
-    from torch.distributed.tensor import DTensor
-
     swapped = []
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
-            if p.requires_grad and isinstance(p, DTensor):
+            if p.requires_grad and is_dtensor(p):
                 module._parameters[name] = nn.Parameter(p.detach().full_tensor(), requires_grad=False)
                 swapped.append((module, name, p))
     try:

@@ -31,8 +31,8 @@ from ..formats.checkpoint import (
     skeleton,
     taker,
 )
-from ..quant.schemes import CorruptTensor, RowShard, Scheme
-from .distributed import shard_model
+from ..quant.schemes import CorruptTensor, RowShard, Scheme, chunk_bounds
+from .distributed import is_dtensor, local_tensor, shard_model
 
 COPY_BYTES = 16 * 2**20  # rows of an unquantized tensor read and copied at a time
 
@@ -101,14 +101,14 @@ def _materialize(model: nn.Module, device: torch.device, cpu_offload: bool) -> N
     values of the tensors that have them (the adapter, computed buffers): to_empty reallocates them all."""
     kept = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        local = _local(t)
+        local = local_tensor(t)
         if not local.is_meta:
             kept[name] = local.detach().clone()
     model.to_empty(device=torch.device("cpu") if cpu_offload else device)
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if name in kept:
-                _local(t).copy_(kept.pop(name))
+                local_tensor(t).copy_(kept.pop(name))
     if cpu_offload:
         for module in model.modules():
             for name, buffer in module.named_buffers(recurse=False):
@@ -132,7 +132,7 @@ def _fill(
         for name in layers:
             layer = _base(model.get_submodule(name))
             key = f"{name}.weight"
-            start, stop = _cut(layer.out_features, rank, world)
+            start, stop = chunk_bounds(layer.out_features, rank, world)
             shard = RowShard(start, stop, layer.out_features, rank, world, _gather)
             if quantized:
                 _fill_stored(layer, name, scheme, tensors, shard, where)
@@ -149,11 +149,11 @@ def _fill(
             values, approx = made
             params = layer.quantized_tensors()
             for suffix, value in values.items():  # (a process with no rows of a rows-first layer gets none)
-                _local(params[suffix]).copy_(value)
+                local_tensor(params[suffix]).copy_(value)
             filled |= {id(t) for t in params.values()}
             squares.append([float((weight - approx).float().square().sum()), float(weight.float().square().sum())])
             if layer.bias is not None:
-                _local(layer.bias).copy_(tensors.rows(f"{name}.bias", start, stop))
+                local_tensor(layer.bias).copy_(tensors.rows(f"{name}.bias", start, stop))
                 filled.add(id(layer.bias))
             tensors.pop(key, None)
             tensors.pop(f"{name}.bias", None)
@@ -164,9 +164,9 @@ def _fill(
                 raise LoraqError(f"{where}: tensor {key} is not one of {type(model).__name__}'s")
             t = owned[key]
             _check_shape(tensors, key, tuple(t.shape), where)
-            if _is_sharded(t) and t.dim():
-                start, stop = _cut(t.shape[0], rank, world)
-                local = _local(t)
+            if is_dtensor(t) and t.dim():
+                start, stop = chunk_bounds(t.shape[0], rank, world)
+                local = local_tensor(t)
                 step = max(1, COPY_BYTES // max(1, local[:1].numel() * 4))
                 for first in range(start, stop, step):  # a few MiB at a time: no second copy of an embedding
                     local[first - start : min(first + step, stop) - start].copy_(
@@ -203,9 +203,9 @@ def _fill_stored(layer: nn.Module, name: str, scheme: Scheme, tensors: LazyTenso
                 f"{where}: layer {name} is stored as {suffix} {tuple(t.shape)}, but this run's "
                 f"{scheme.describe()} layer holds {tuple(ours[suffix].shape)}"
             )
-        _local(ours[suffix]).copy_(shard.chunk(t))
+        local_tensor(ours[suffix]).copy_(shard.chunk(t))
     if layer.bias is not None:
-        _local(layer.bias).copy_(shard.chunk(whole.bias.detach()))
+        local_tensor(layer.bias).copy_(shard.chunk(whole.bias.detach()))
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -219,12 +219,6 @@ def _file_key(model: nn.Module, name: str) -> str:
     if prefix.endswith(".base") and isinstance(model.get_submodule(prefix[: -len(".base")]), LoraLinear):
         return f"{prefix[: -len('.base')]}.{leaf}"
     return name
-
-
-def _cut(rows: int, rank: int, world: int) -> tuple[int, int]:
-    """The rows [start, stop) of `rows` that FSDP2 gives this process (torch.chunk's cut of dim 0)."""
-    size = -(-rows // world)
-    return min(rank * size, rows), min((rank + 1) * size, rows)
 
 
 def _weight_rows(tensors: LazyTensors, key: str, start: int, stop: int, layer: nn.Module) -> torch.Tensor:
@@ -256,16 +250,6 @@ def _gather(rows: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([part[: int(n)] for part, n in zip(parts, every)])
-
-
-def _is_sharded(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_sharded(t) else t
 
 
 def note_load(errors: dict[str, float], world: int) -> None:

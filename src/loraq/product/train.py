@@ -41,6 +41,7 @@ from .distributed import (
     full_tensor,
     gathered_trainables,
     init_distributed,
+    is_dtensor,
     set_gradient_sync,
     shard_model,
     sum_over_ranks,
@@ -444,7 +445,7 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = T
         labelled = labels != IGNORE_INDEX
         hidden = out.hidden_states[-1][:, :-1][labelled]  # (N, H): the positions that carry a label
         targets, n = labels[labelled], int(labelled.sum())
-        if _is_sharded(head.weight):  # an FSDP2 unit of its own, sharded again after the forward pass:
+        if is_dtensor(head.weight):  # an FSDP2 unit of its own, sharded again after the forward pass:
             logits = head(hidden).float()  # its own call gathers it (the labelled rows' logits, at once)
             return F.cross_entropy(logits, targets, reduction="sum"), n
         return chunked_head_loss(hidden, head.weight, head.bias, targets), n
@@ -476,12 +477,6 @@ def _plain_head(model: nn.Module) -> nn.Linear | None:
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
         return None
     return head
-
-
-def _is_sharded(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

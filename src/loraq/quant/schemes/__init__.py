@@ -16,7 +16,7 @@ import os
 
 from ...core.config import LoraConfig
 from ...errors import LoraqError
-from .base import CorruptTensor, RowShard, Scheme
+from .base import CorruptTensor, RowShard, Scheme, chunk_bounds
 from .full import FullPrecision
 from .gguf import GgufBlocks, GgufCodes
 from .gptq import IntGPTQ
@@ -40,6 +40,7 @@ __all__ = [
     "CorruptTensor",
     "RowShard",
     "Scheme",
+    "chunk_bounds",
     "scheme_for",
     "scheme_from_checkpoint",
     "scheme_named",

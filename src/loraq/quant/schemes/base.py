@@ -28,6 +28,13 @@ class CorruptTensor(LoraqError):
         self.suffix, self.why = suffix, why
 
 
+def chunk_bounds(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows [start, stop) of `rows` that FSDP2 gives process `rank` of `world` (torch.chunk's cut of dim 0:
+    ceil(rows / world) each, the last ones shorter or empty)."""
+    size = -(-rows // world)
+    return min(rank * size, rows), min((rank + 1) * size, rows)
+
+
 @dataclass
 class RowShard:
     """The output rows of a layer that one process quantizes when it loads straight into FSDP2 shards
@@ -43,8 +50,8 @@ class RowShard:
 
     def chunk(self, whole: torch.Tensor) -> torch.Tensor:
         """This process's part of a tensor every process computed whole, as FSDP2 shards it."""
-        size = -(-whole.shape[0] // self.world)
-        return whole[min(self.rank * size, whole.shape[0]) : min((self.rank + 1) * size, whole.shape[0])]
+        start, stop = chunk_bounds(whole.shape[0], self.rank, self.world)
+        return whole[start:stop]
 
 
 def rows_first(layer: nn.Module) -> bool:
