@@ -218,7 +218,7 @@ def _build_model(
     scheme = method_scheme(config.model, config.lora)
     calibration = data.train[:CALIBRATION_EXAMPLES] if scheme.needs_calibration else None
 
-    def prepare(model: nn.Module) -> None:
+    def prepare(model: nn.Module) -> None:  # before the model moves to the device (or gets memory at all)
         if device.type == "cuda":
             frozen_to(model, dtype)  # the frozen base in 16 bits on a GPU (cast before it moves there)
         _attach_adapter(model, config)
@@ -240,10 +240,8 @@ def _build_model(
         model, _, quant_errors = build_base(
             config.model, config.lora, calibration, tokenizer.pad_token_id, model, tokenizer, device
         )
-        if device.type == "cuda":
-            frozen_to(model, dtype)
-        model.to(device)
         prepare(model)
+        model.to(device)
         if world > 1:
             shard_model(model, device, config.cpu_offload)
     if writer:
@@ -438,7 +436,8 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = T
         kwargs.update(position_ids=batch["position_ids"], use_cache=False)
     else:
         kwargs["attention_mask"] = batch["attention_mask"]
-    head = _plain_head(model) if chunked and _accepts_logits_to_keep(model) else None
+    accepts_keep = _accepts_logits_to_keep(model)
+    head = _plain_head(model) if chunked and accepts_keep else None
     if head is not None:
         none = torch.zeros(0, dtype=torch.long, device=keep.device)  # the model computes no logits at all
         out = model(input_ids=batch["input_ids"], logits_to_keep=none, output_hidden_states=True, **kwargs)
@@ -449,7 +448,7 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = T
             logits = head(hidden).float()  # its own call gathers it (the labelled rows' logits, at once)
             return F.cross_entropy(logits, targets, reduction="sum"), n
         return chunked_head_loss(hidden, head.weight, head.bias, targets), n
-    if _accepts_logits_to_keep(model):
+    if accepts_keep:
         kwargs["logits_to_keep"] = keep
         labels = labels[:, keep]
     logits = model(input_ids=batch["input_ids"], **kwargs).logits
@@ -507,13 +506,13 @@ def evaluate_loss(
     model.eval()
     total, count = 0.0, 0
     device = torch.device(device)
-    batches = list(ordered_batches(items[rank::world], batch_size, pad_id))
+    mine = items[rank::world]
     most = -(-len(items[::world]) // batch_size)  # rank 0 has the most items
-    for batch in batches:
+    for batch in ordered_batches(mine, batch_size, pad_id):
         with autocast(device, dtype):
             loss, n = loss_sum(model, _to(batch, device))
         total, count = total + float(loss), count + n
-    for _ in range(most - len(batches)):
+    for _ in range(most - -(-len(mine) // batch_size)):
         with autocast(device, dtype):
             model(input_ids=torch.full((1, 1), pad_id, device=device))
     total, count = sum_over_ranks([total, count], device) if world > 1 else (total, count)
