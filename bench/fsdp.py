@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from steps import memory_events  # noqa: E402
+
 RESULTS = HERE.parent / "results" / "fsdp.json"
 MB = 2**20
 
@@ -89,16 +92,13 @@ def worker(method: str, out: Path, steps: int, batch_size: int, profiled: bool) 
 
 def tensor_peaks(profiler, trace: Path) -> dict[str, int]:
     """The peak of live CPU tensor bytes while loading and while training, from the profiler's memory events."""
-    profiler.export_chrome_trace(str(trace))
-    events = json.loads(trace.read_text())["traceEvents"]
-    trace.unlink()
+    events, timeline = memory_events(profiler, trace)
     load = next(e for e in events if e.get("name") == "bench.load")
     end_of_load = load["ts"] + load["dur"]
     peaks = {"load": 0, "train": 0}
-    for e in events:
-        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0:
-            phase = "load" if e["ts"] <= end_of_load else "train"
-            peaks[phase] = max(peaks[phase], e["args"]["Total Allocated"])
+    for ts, total in timeline:
+        phase = "load" if ts <= end_of_load else "train"
+        peaks[phase] = max(peaks[phase], total)
     return peaks
 
 

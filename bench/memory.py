@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from steps import PROJECTIONS, batch_of_text  # noqa: E402
+from steps import PROJECTIONS, batch_of_text, memory_events  # noqa: E402
 
 SETUPS = ("loraq-chunked", "loraq-plain", "peft-qlora")
 MB = 2**20
@@ -108,10 +108,7 @@ def measure(which: str, checkpointing: bool, batch: int, seq: int, rank: int, st
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     optimizer.zero_grad(set_to_none=True)
-    prof.export_chrome_trace(str(trace))
-    events = json.loads(trace.read_text())["traceEvents"]
-    trace.unlink()
-    peak = max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+    peak = max(total for _, total in memory_events(prof, trace)[1])
     return {
         "which": which,
         "checkpointing": checkpointing,

@@ -23,6 +23,16 @@ import time
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def memory_events(profiler, trace) -> tuple[list[dict], list[tuple[float, int]]]:
+    """A finished profiler's trace events (written to `trace`, a Path, then removed) and its CPU memory timeline:
+    (time, live tensor bytes) at each allocation and free (DESIGN.md §11: the tensor peak, which RSS hides)."""
+    profiler.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    trace.unlink()
+    cpu = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    return events, [(e["ts"], e["args"]["Total Allocated"]) for e in cpu]
+
+
 def batch_of_text(tokenizer, batch: int, seq: int):
     """(batch, seq) token ids of real English: E2E descriptions packed end to end."""
     import torch
