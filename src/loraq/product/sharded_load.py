@@ -143,10 +143,11 @@ def _fill(
             if made is None:  # a layout whose rows are not their own: the whole layer, on every process
                 whole_weight = _weight_rows(tensors, key, 0, layer.out_features, layer).to(device)
                 whole = scheme.quantize_layer(name, whole_weight, None)
-                made = ({k: shard.chunk(t) for k, t in whole.quantized_tensors().items()}, whole.dequantize())
-                weight = whole_weight if rank == 0 else weight[:0]  # the error is counted once, by rank 0
-                made = (made[0], made[1] if rank == 0 else weight)
-            values, approx = made
+                values = {k: shard.chunk(t) for k, t in whole.quantized_tensors().items()}
+                # its error counted once, by rank 0
+                weight, approx = (whole_weight, whole.dequantize()) if rank == 0 else (weight[:0], weight[:0])
+            else:
+                values, approx = made
             params = layer.quantized_tensors()
             for suffix, value in values.items():  # (a process with no rows of a rows-first layer gets none)
                 local_tensor(params[suffix]).copy_(value)
