@@ -139,10 +139,16 @@ def quantize_4bit(
     packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
     state = NF4State(tuple(weight.shape), weight.dtype, blocksize, quant_type, absmax)
     if double_quant:
-        offset = absmax.mean()
-        state.absmax, state.nested_absmax = quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
-        state.offset = offset
+        state.absmax, state.nested_absmax, state.offset = double_quantize(absmax)
     return packed, state
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The double quantization of every block's fp32 absmax of a weight: (uint8 codes, fp32 scale per 256 codes,
+    the fp32 mean subtracted first)."""
+    offset = absmax.mean()
+    codes, nested = quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
+    return codes, nested, offset
 
 
 def dequantize_4bit(

@@ -19,9 +19,9 @@ from ..nf4 import (
     NF4State,
     code_4bit,
     dequantize_4bit,
+    double_quantize,
     dynamic_code_8bit,
     quantize_4bit,
-    quantize_blockwise_8bit,
 )
 from .base import CorruptTensor, RowShard, Scheme, TakeTensor
 
@@ -69,9 +69,7 @@ class NF4(Scheme):
         approx = dequantize_4bit(packed, state, torch.float32) if rows else weight
         tensors = {"packed": packed.reshape(rows, in_features // 2), "absmax": absmax}
         if self.double_quant:
-            every = shard.gather(absmax).reshape(-1)
-            offset = every.mean()
-            codes, nested = quantize_blockwise_8bit(every - offset, NESTED_BLOCKSIZE)
+            codes, nested, offset = double_quantize(shard.gather(absmax).reshape(-1))
             tensors["absmax"] = codes.view(shard.out_features, -1)[shard.start : shard.stop]
             tensors["offset"] = shard.chunk(offset.reshape(1))
             tensors["nested_absmax"] = shard.chunk(nested)
