@@ -62,3 +62,60 @@ def test_adapters_for_the_default_model_name_its_public_id(tiny_model_dir, tmp_p
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert str(tiny_model_dir) not in json.dumps(config)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def bf16_pair(request, tmp_path_factory):
+    """The same tiny Llama saved twice: as bf16 safetensors, and as the exact fp32 upcast of those values."""
+    import torch
+    from conftest import build_tiny_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(len(tokenizer), tie_word_embeddings=request.param).to(torch.bfloat16)
+    folders = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        folders[dtype] = tmp_path_factory.mktemp(f"bf16-{request.param}-{dtype}".replace("torch.", ""))
+        model.to(dtype).save_pretrained(folders[dtype])
+        tokenizer.save_pretrained(folders[dtype])
+    return folders[torch.bfloat16], folders[torch.float32]
+
+
+@pytest.mark.parametrize("method", ["qlora", "qalora"])
+def test_16bit_embeddings_stay_16bit_and_compute_as_fp32(bf16_pair, method, monkeypatch):
+    """A 16-bit file's embedding and head are kept in 16 bits (half an fp32 copy's memory, no information lost)
+    while the model computes in fp32: logits and the chunked loss's gradients equal those of the fp32 copy,
+    the head cast a few vocabulary rows at a time."""
+    import sys
+
+    import torch
+
+    from loraq.core.layers import Stored16Linear
+    from loraq.product.train import loss_sum
+
+    monkeypatch.setattr(sys.modules["loraq.core.layers"], "VOCAB_CHUNK", 100)  # several slices of 5xx rows
+    monkeypatch.setattr(sys.modules["loraq.product.loss"], "VOCAB_CHUNK", 100)
+    sixteen, _ = loraq.load_model(bf16_pair[0], method=method)
+    fp32, _ = loraq.load_model(bf16_pair[1], method=method)
+    assert sixteen.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert type(sixteen.get_output_embeddings()) is Stored16Linear
+    assert sixteen.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert fp32.get_input_embeddings().weight.dtype == torch.float32
+    tied = sixteen.config.tie_word_embeddings
+    assert (sixteen.get_output_embeddings().weight is sixteen.get_input_embeddings().weight) == tied
+    vocab = sixteen.config.vocab_size
+    ids = torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = sixteen(ids).logits, fp32(ids).logits
+    assert got.dtype == torch.float32 and (got - want).abs().max() <= 1e-5 * want.abs().max()
+    grads = []
+    for model in (sixteen, fp32):
+        loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, method=method))
+        g = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            if p.requires_grad:  # B too, so that every adapter tensor has a gradient
+                p.data.normal_(0, 0.05, generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        total, _ = loss_sum(model, batch)
+        total.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[1].abs().max()

@@ -54,3 +54,59 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where the submodule `name` of `model` is."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+# Frozen weights kept in their file's 16 bits, computed in fp32 on a CPU. A 7B model's embedding and output head
+# are 0.8 GB each in fp32 and half that as their safetensors store them; fp32 copies hold no more information.
+VOCAB_CHUNK = 8192  # rows of a 16-bit head cast at a time: (8192 x hidden) fp32, 128 MiB at hidden 4096
+
+
+class Stored16Linear(nn.Linear):
+    """A frozen linear layer (the output head) whose weight stays in 16 bits while its input may be fp32: the
+    weight is cast `VOCAB_CHUNK` rows at a time, so the output is the fp32 product exactly and no full fp32 copy
+    of the weight ever exists."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype or torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        return rows_linear(x, self.weight, self.bias)
+
+
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` in x's dtype with `weight` cast `VOCAB_CHUNK` rows at a time."""
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for start in range(0, weight.shape[0], VOCAB_CHUNK):
+        rows = slice(start, start + VOCAB_CHUNK)
+        b = None if bias is None else bias[rows].to(x.dtype)
+        out[..., rows] = nn.functional.linear(x, weight[rows].to(x.dtype), b)
+    return out
+
+
+def _upcast_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    dtype = module.loraq_compute_dtype
+    return output.to(dtype) if output.is_floating_point() and output.dtype != dtype else output
+
+
+def keep_16bit_embeddings(model: nn.Module) -> bool:
+    """Let a model whose input embedding (and plain nn.Linear head, tied or not) hold 16-bit weights compute in
+    fp32: the embedding's output is cast to fp32 (a forward hook, so scaled embeddings such as Gemma's keep their
+    own forward), the head becomes a `Stored16Linear`. Returns False, changing nothing, where that does not hold
+    (the caller then keeps fp32 copies)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embedding is None or embedding.weight.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if head is not None and (type(head) is not nn.Linear or head.weight.dtype != embedding.weight.dtype):
+        return False
+    embedding.loraq_compute_dtype = torch.float32
+    embedding.register_forward_hook(_upcast_output)
+    if head is not None:
+        head.__class__ = Stored16Linear  # same parameters, same state_dict keys; only forward differs
+    return True
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """The dtype 16-bit stored embeddings hand on (fp32 on a CPU, the 16-bit compute dtype on a GPU)."""
+    for module in model.modules():
+        if hasattr(module, "loraq_compute_dtype"):
+            module.loraq_compute_dtype = dtype

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_folder
-from ..core.layers import layer_shape, quantizable_linear_names, replace_module
+from ..core.layers import keep_16bit_embeddings, layer_shape, quantizable_linear_names, replace_module
 from ..errors import LoraqError
 from ..quant.frozen import FrozenQuantized
 from ..quant.schemes import CorruptTensor, Scheme, scheme_from_checkpoint, scheme_of
+from .safetensors_file import SafetensorsFile
 
 
 def checkpoint_scheme(folder: str | os.PathLike) -> Scheme | None:
@@ -165,7 +166,7 @@ def load_quantizing(
 
 
 class LazyTensors(dict):
-    """key -> tensor, read from its safetensors file on first access (one layer at a time)."""
+    """key -> tensor, read from its safetensors file on each access (one layer at a time)."""
 
     def __init__(self, handles: dict[str, object]):
         super().__init__({k: None for k in handles})
@@ -176,16 +177,15 @@ class LazyTensors(dict):
         return self.handles[key].get_tensor(key) if value is None else value
 
     def rows(self, key: str, start: int, stop: int, dim: int = 0) -> torch.Tensor:
-        """Entries start:stop of `key` along `dim` (0 or 1), read alone from the file (safetensors slices)."""
-        part = self.handles[key].get_slice(key)
-        return part[start:stop] if dim == 0 else part[:, start:stop]
+        """Entries start:stop of `key` along `dim` (0 or 1), read alone from the file."""
+        return self.handles[key].rows(key, start, stop, dim)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.handles[key].get_slice(key).get_shape())
+        return self.handles[key].shape(key)
 
     def is_float(self, key: str) -> bool:
         """Whether `key` is stored as floating point (read from the header alone; False if absent)."""
-        return key in self and self.handles[key].get_slice(key).get_dtype() in ("F64", "F32", "F16", "BF16")
+        return key in self and self.handles[key].is_float(key)
 
     def pop(self, key: str, default=None):
         if key not in self:
@@ -199,27 +199,21 @@ class LazyTensors(dict):
 
 
 def read_tensors(folder: Path, lazy: bool) -> tuple[dict[str, torch.Tensor], Path]:
-    from safetensors import safe_open
-
+    """Every tensor of the folder's .safetensors files by name: read now, or (`lazy`) each when first asked
+    for, with plain reads (safetensors_file.py: no file stays mapped while a model loads)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise LoraqError(f"{folder}: no .safetensors file")
-    handles: dict[str, object] = {}
+    handles: dict[str, SafetensorsFile] = {}
     for path in files:
-        try:
-            f = safe_open(str(path), framework="pt")
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                handles[key] = f
-        except Exception as e:  # safetensors raises SafetensorError/OSError for truncated or lying headers
-            raise LoraqError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        f = SafetensorsFile(path)
+        for key in f.entries:
+            handles[key] = f
     where = files[0] if len(files) == 1 else folder
     tensors = LazyTensors(handles)
     if lazy:
         return tensors, where
-    try:
-        return {k: v for k, v in tensors.items()}, where
-    except Exception as e:
-        raise LoraqError(f"{where}: a tensor cannot be read ({type(e).__name__}: {e})") from None
+    return {k: v for k, v in tensors.items()}, where
 
 
 def skeleton(folder: Path, trust_remote_code: bool) -> nn.Module:
@@ -248,17 +242,21 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) 
     if missing or unexpected:
         raise LoraqError(f"{where}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
     shapes = {k: v.shape for k, v in model.state_dict().items()}
+    embeddings = _embedding_keys(model)
     rest = {}
     for k in list(tensors):
-        v = tensors.pop(k)
+        v = tensors.pop(k)  # read into memory of its own (safetensors_file.py): no view of a mapped file
         if tuple(v.shape) != tuple(shapes[k]):
             raise LoraqError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(shapes[k])}")
-        # A copy, not a view of the file's memory map: a view would keep every page read while loading
-        # (the whole full-precision file) resident for as long as the model lives.
-        rest[k] = v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+        sixteen = k in embeddings and v.dtype in (torch.float16, torch.bfloat16)
+        rest[k] = v if sixteen or not v.is_floating_point() else v.float()
     model.load_state_dict(rest, strict=False, assign=True)
     compute_unsaved_buffers(model, where)
     model.tie_weights()
+    if not keep_16bit_embeddings(model):  # the model cannot compute on them in 16 bits: fp32 copies
+        for k in embeddings:
+            p = model.get_parameter(k)
+            p.data = p.data.float()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise LoraqError(f"{where}: no tensor for {left[:5]}")
@@ -288,6 +286,13 @@ def compute_unsaved_buffers(model: nn.Module, where: Path) -> None:
         for n in metas:
             if module._buffers[n].is_floating_point() and not torch.isfinite(module._buffers[n]).all():
                 raise LoraqError(f"{where}: {type(model).__name__} does not compute its buffer {name}.{n}")
+
+
+def _embedding_keys(model: nn.Module) -> set[str]:
+    """The names of the input embedding's and the output head's weights: loaded in the 16 bits a file stores
+    them in (fp32 copies would hold nothing more and cost twice the memory, 1.6 GB for a 7B model)."""
+    wanted = [m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if any(p is w for w in wanted)}
 
 
 def _tied_head(model: nn.Module, key: str) -> bool:

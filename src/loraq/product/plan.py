@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.config import METHODS, LoraConfig
+from ..core.layers import VOCAB_CHUNK
 from ..errors import LoraqError
 from ..quant.schemes import scheme_for
 from .loss import CHUNK_TOKENS
@@ -160,7 +161,9 @@ def plan_memory(
     block = int(sum(i * o * scheme.bits_per_param(i) / 8 for i, o in shapes))  # one decoder block's base
     if not scheme.quantized:
         block = block * frozen_bytes // 4
-    weights = layers * block + frozen_bytes * embedding
+    # a quantized load keeps the embedding and head in the 16 bits their file stores them in (checkpoint.py)
+    embedding_bytes = 2 if scheme.quantized and _stored_16bit(config) else frozen_bytes
+    weights = layers * block + embedding_bytes * embedding
     constants = {"none": 0, "scale": 1, "offset": 1, "both": 2}[train_constants]
     block_trainable = sum(rank * (i // lora.pool + o) + constants * o * (i // lora.pool) for i, o in shapes)
     trainable = layers * block_trainable
@@ -171,6 +174,8 @@ def plan_memory(
     activations = layers * tokens * h * compute_bytes + per_block if grad_checkpoint else layers * per_block
     labelled = int(tokens * loss_fraction)  # the loss's rows: one chunk of fp32 logits at a time
     activations += int(LOSS_CHUNKS_HELD * min(labelled, CHUNK_TOKENS) * vocab * 4) + labelled * h * compute_bytes
+    if embedding_bytes < compute_bytes:  # a 16-bit head under fp32 compute is cast a slice of rows at a time
+        activations += VOCAB_CHUNK * h * compute_bytes
     largest = max(i * o for i, o in shapes)
     # a 4-bit layer dequantizes into a buffer in the compute dtype (on a CPU also the fp32 values and an index)
     workspace = largest * (compute_bytes + (0 if device == "cuda" else 5)) if scheme.quantized else 0
@@ -213,6 +218,12 @@ def offload_advice(plan_args: dict, device_bytes: int) -> str:
     return f"{text}: more processes (torchrun), a smaller batch, or --grad-checkpoint"
 
 
+def _stored_16bit(config) -> bool:
+    """Whether the model's files store its weights in 16 bits (config.json's dtype, torch_dtype before it)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype).removeprefix("torch.") in ("bfloat16", "float16")
+
+
 def _config(model: str):
     from pathlib import Path
 
@@ -221,7 +232,7 @@ def _config(model: str):
     from .models import default_model_dir, is_default_model
 
     if model in KNOWN_SHAPES:
-        return LlamaConfig(**KNOWN_SHAPES[model], tie_word_embeddings=False)
+        return LlamaConfig(**KNOWN_SHAPES[model], tie_word_embeddings=False, dtype="bfloat16")
     path = Path(model).expanduser()
     try:
         if is_default_model(model):

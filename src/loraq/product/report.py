@@ -17,7 +17,9 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def summarize(metrics: list[dict], seconds: float, host: dict[str, int | None] | None = None) -> dict:
+def summarize(
+    metrics: list[dict], seconds: float, host: dict[str, int | None] | None = None, load_seconds: float | None = None
+) -> dict:
     val = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
     best_step, best = min(val, key=lambda sv: sv[1]) if val else (None, None)
     train = [r for r in metrics if "loss" in r]
@@ -29,6 +31,7 @@ def summarize(metrics: list[dict], seconds: float, host: dict[str, int | None] |
         "best_val_step": best_step,
         "tokens_seen": sum(r.get("tokens", 0) for r in train),
         "wall_seconds": round(seconds, 1),
+        "load_seconds": None if load_seconds is None else round(load_seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     for kind, value in (host or {}).items():  # the process's own memory apart from mapped files (host_memory.py)
@@ -73,11 +76,14 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, seconds: float, host: dict[str, int | None] | None = None) -> dict:
+def write_report(
+    out: Path, seconds: float, host: dict[str, int | None] | None = None, load_seconds: float | None = None
+) -> dict:
     """Write loss.png and summary.json for the run folder `out`, print the summary, return it. `host`: peak
-    resident bytes by kind ("anonymous": the process's own; "files": mapped files), where measured."""
+    resident bytes by kind ("anonymous": the process's own; "files": mapped files), where measured;
+    `load_seconds`: how long the model took to load (quantizing included)."""
     metrics = read_metrics(out / "metrics.jsonl")
-    summary = summarize(metrics, seconds, host)
+    summary = summarize(metrics, seconds, host, load_seconds)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_losses(metrics, out / "loss.png", title=out.name)
     best = summary["best_val_loss"]

@@ -9,6 +9,7 @@ in train_config.py, the device in device.py.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..core.inject import apply, parameter_summary
+from ..core.layers import Stored16Linear, set_compute_dtype
 from ..errors import LoraqError
 from ..formats.peft import save_adapter
 from ..quant import workspace
@@ -49,6 +51,7 @@ from .distributed import (
 from .host_memory import HostMemory
 from .loss import chunked_head_loss
 from .models import load_tokenizer, model_folder
+from .offload import offload_saved
 from .report import write_report
 from .resume import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from .run_folder import DataRecord, RunFolder
@@ -73,7 +76,9 @@ class TrainResult:
 
 # Options that may change between a run and its resumption (they do not change what is computed; "out": a
 # run folder moved or copied elsewhere resumes there).
-RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "eval_batch_size", "cpu_offload", "out"}
+RESUMABLE_CHANGES = {
+    "resume", "overwrite", "save_every", "eval_every", "eval_batch_size", "cpu_offload", "offload_activations", "out"
+}  # fmt: skip
 
 
 @dataclass
@@ -127,12 +132,16 @@ def _train(config: TrainConfig, model: nn.Module | None, tokenizer, progress: bo
     writer = rank == 0  # with several processes only rank 0 writes the run folder
     device, dtype = resolve_device(config, rank, world)
     check_world(config.batch_size, world, config.cpu_offload, device.type)
+    if config.offload_activations and device.type != "cuda":
+        raise LoraqError("--offload-activations moves saved activations from a GPU to host memory; this runs on a CPU")
     check_run_folder(run, config)  # (after every check of the options: --overwrite clears old checkpoints)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # under torchrun each process its own GPU, for nccl too
     tokenizer = tokenizer or load_tokenizer(config.model)
     data = _encode_data(config, tokenizer)
+    loading = time.perf_counter()
     model = _build_model(config, data, model, tokenizer, device, dtype, writer, world, run)
+    load_seconds = time.perf_counter() - loading
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     # fp16 autocast (a GPU without bf16) needs loss scaling; disabled, the scaler passes everything through
@@ -183,7 +192,8 @@ def _train(config: TrainConfig, model: nn.Module | None, tokenizer, progress: bo
         with gathered_trainables(model):  # every rank gathers the adapter; rank 0 writes it
             if writer:
                 save_adapter(model, run.adapter_dir)
-                write_report(run.path, seconds, {k: host.peak(k) for k in ("anonymous", "files")})
+                peaks = {k: host.peak(k) for k in ("anonymous", "files")}
+                write_report(run.path, seconds, peaks, load_seconds=load_seconds)
     barrier()
     return TrainResult(
         model, tokenizer, run.path, val_before, val_after, losses, seconds, data.dropped, data.truncated, stopped_at
@@ -276,6 +286,7 @@ def frozen_to(model: nn.Module, dtype: torch.dtype) -> None:
     for name, p in model.named_parameters():
         if p.is_floating_point() and ".adapters." not in name and id(p) not in constants:
             p.data = p.data.to(dtype)
+    set_compute_dtype(model, dtype)
 
 
 def _attach_adapter(model: nn.Module, config: TrainConfig) -> None:
@@ -335,7 +346,7 @@ def _forward_backward(state: StepState, micro: list[dict], step: int) -> float:
         for i, batch in enumerate(micro):
             shard = {k: v[rank::world] for k, v in batch.items()}  # check_world: every rank has rows
             set_gradient_sync(state.model, i == len(micro) - 1)
-            with autocast(state.device, state.dtype):
+            with autocast(state.device, state.dtype), _offloading(state):
                 loss, _ = loss_sum(state.model, _to(shard, state.device))
             state.scaler.scale(loss / n_total).backward()
             step_loss += float(loss.detach()) / n_total
@@ -348,6 +359,13 @@ def _forward_backward(state: StepState, micro: list[dict], step: int) -> float:
             "--grad-checkpoint, a shorter --max-length, or --method qlora/qalora"
         ) from None
     return step_loss
+
+
+def _offloading(state: StepState) -> contextlib.AbstractContextManager:
+    """--offload-activations: the block inputs checkpointing keeps go to host memory until backward (offload.py)."""
+    if state.config.offload_activations and state.device.type == "cuda":
+        return offload_saved(state.model)
+    return contextlib.nullcontext()
 
 
 def _stop_unless_finite(loss: float, step: int, run: RunFolder) -> None:
@@ -471,7 +489,7 @@ def _plain_head(model: nn.Module) -> nn.Linear | None:
     between steps)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
-    if type(head) is not nn.Linear or head.weight.requires_grad:
+    if type(head) not in (nn.Linear, Stored16Linear) or head.weight.requires_grad:
         return None
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
         return None

@@ -91,6 +91,9 @@ class TrainConfig:
     resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = _opt(False, "replace a finished run already in --out")
     grad_checkpoint: bool = _opt(False, "gradient checkpointing: recompute activations in backward to save memory")
+    offload_activations: bool = _opt(
+        False, "with --grad-checkpoint on a GPU: keep each block's saved input in host memory until backward"
+    )
     device: str = _opt("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     cpu_offload: bool = _opt(
         False, "under torchrun: keep each process's shard of the model in host memory (FSDP2 CPU offload)"
@@ -156,6 +159,14 @@ class TrainConfig:
         check(
             isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        check(
+            not self.offload_activations or self.grad_checkpoint,
+            "--offload-activations offloads the block inputs gradient checkpointing keeps: add --grad-checkpoint",
+        )
+        check(
+            not (self.offload_activations and self.device == "cpu"),
+            "--offload-activations moves saved activations from the GPU to host memory; a CPU run keeps them there",
         )
         try:
             self.lora = LoraConfig(
