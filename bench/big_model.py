@@ -1,19 +1,20 @@
 """A 7B model fine-tuned on this machine (no GPU): loraq QLoRA and QA-LoRA beside PEFT + bitsandbytes, each in a
 fresh process, on the same files and the same step shape (one row of 512 tokens, gradient checkpointing).
 
-    .venv/bin/python bench/big_model.py                              # all three, 2 steps each
-    .venv/bin/python bench/big_model.py --setups loraq-qlora --steps 2
+    .venv/bin/python bench/big_model.py                              # every setup, 2 steps each
+    .venv/bin/python bench/big_model.py --setups loraq-qlora-mmap4,peft-qlora --steps 2
 
 The model is written once (to ~/.cache/loraq/bench/llama2-7b-random, 13.5 GB): Llama-2-7B's shapes with random
 bf16 weights (std 0.02), sharded safetensors of ~2 GB, and the default model's tokenizer (vocabulary 49152, so
 the embedding and head are 49152 x 4096). Random weights train exactly as fast and as large as real ones.
 
-loraq runs through `loraq train` (the real command: packing the default E2E data into 512-token rows, a one-example
-validation file so evaluation costs seconds), and its run summary gives peak RSS, the process's own (anonymous)
-memory apart from mapped file pages, load time; metrics.jsonl the step times. PEFT + bitsandbytes loads the same
-folder with NF4 + double quantization and fp32 compute (loraq's CPU numerics), r=16 on all 7 projections, and
-takes AdamW steps on 512 random tokens; its memory is sampled the same way (host_memory.py). `loraq plan` is asked
-for the same run and set beside the measured peak. Writes bench/results/big_model.json.
+loraq runs through `loraq train` (the real command) on plain-text records of E2E descriptions cut at 512 tokens,
+the loss on every token, a one-record validation file so that evaluation costs seconds; `-mmapN` setups add
+`--mmap-threshold-mb N`. Its run summary gives peak RSS, the process's own (anonymous) memory apart from mapped
+file pages, and load time; metrics.jsonl the step times. PEFT + bitsandbytes loads the same folder with NF4 +
+double quantization and fp32 compute (loraq's CPU numerics), r=16 on all 7 projections, and takes AdamW steps on
+the first record's 512 tokens; its memory is sampled the same way (host_memory.py). `loraq plan` is asked for
+the same run and set beside the measured peak. Writes bench/results/big_model.json.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
-SETUPS = ("loraq-qlora", "loraq-qalora", "peft-qlora")
+SETUPS = ("loraq-qlora", "loraq-qlora-mmap4", "loraq-qalora-mmap4", "peft-qlora")
 SHAPES = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
               num_key_value_heads=32, vocab_size=49152, max_position_embeddings=4096, rms_norm_eps=1e-5,
               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # fmt: skip
@@ -95,19 +96,24 @@ def write_model(folder: Path) -> None:
                 shutil.copy(f, tmp / f.name)
 
 
-def one_example_val(path: Path) -> Path:
+def write_data(work: Path) -> tuple[Path, Path]:
+    """Plain-text records of ~700 tokens each (E2E descriptions end to end): with --max-length 512 every step
+    is one row of exactly 512 tokens with the loss on every token. The validation file holds one record."""
     from loraq.product.data import load_examples
 
-    example = load_examples("e2e")[0]
-    path.write_text(json.dumps({"prompt": example.prompt, "completion": example.response}) + "\n")
-    return path
+    text = " ".join(ex.response for ex in load_examples("e2e"))
+    records = [json.dumps({"text": text[i : i + 3000]}) for i in range(0, 3000 * 9, 3000)]
+    (work / "train.jsonl").write_text("\n".join(records[:8]) + "\n")
+    (work / "val.jsonl").write_text(records[8] + "\n")
+    return work / "train.jsonl", work / "val.jsonl"
 
 
-def run_loraq(method: str, folder: Path, steps: int, work: Path) -> dict:
+def run_loraq(method: str, folder: Path, steps: int, work: Path, mmap_mb: int) -> dict:
     out = work / f"run-{method}"
+    train, val = write_data(work)
     cmd = [str(ROOT / ".venv/bin/loraq"), "train", "--model", str(folder), "--method", method, "--steps", str(steps),
-           "--batch-size", "1", "--max-length", "512", "--packing", "--grad-checkpoint", "--warmup-steps", "1",
-           "--rank", "16", "--val-data", str(one_example_val(work / "val.jsonl")),
+           "--data", str(train), "--val-data", str(val), "--batch-size", "1", "--max-length", "512",
+           "--grad-checkpoint", "--warmup-steps", "1", "--rank", "16", "--mmap-threshold-mb", str(mmap_mb),
            "--out", str(out), "--overwrite"]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -148,7 +154,10 @@ def peft_worker(folder: Path, steps: int) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         load_s = time.perf_counter() - start
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        x = torch.randint(3, SHAPES["vocab_size"], (1, 512), generator=torch.Generator().manual_seed(0))
+        from transformers import AutoTokenizer
+
+        text = json.loads((folder.parent / "runs" / "train.jsonl").read_text().splitlines()[0])["text"]
+        x = AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt")["input_ids"][:, :512]
         model.train()
         seconds = []
         for _ in range(steps):
@@ -159,7 +168,7 @@ def peft_worker(folder: Path, steps: int) -> dict:
             seconds.append(time.perf_counter() - t0)
     return {
         "seconds_per_step": seconds,
-        "tokens_per_step": [511] * steps,
+        "tokens_per_step": [x.shape[1] - 1] * steps,
         "load_s": round(load_s, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_anonymous_mb": round((host.peak("anonymous") or 0) / MB, 1),
@@ -198,12 +207,13 @@ def main() -> None:
     write_model(folder)
     work = folder.parent / "runs"
     work.mkdir(exist_ok=True)
+    write_data(work)
     results = {"cores": os.cpu_count(), "steps": args.steps, "setups": {}}
     for setup in args.setups.split(","):
         print(f"{setup} ...", flush=True)
-        if setup.startswith("loraq-"):
-            method = setup.removeprefix("loraq-")
-            result = run_loraq(method, folder, args.steps, work)
+        if setup.startswith("loraq-"):  # loraq-METHOD[-mmapN]: --mmap-threshold-mb N
+            method, _, mmap = setup.removeprefix("loraq-").partition("-mmap")
+            result = run_loraq(method, folder, args.steps, work, int(mmap or 0))
             result["plan_mb"] = round(plan_for(method, folder, 512) / MB)
         else:
             result = run_peft(folder, args.steps)

@@ -49,3 +49,19 @@ def test_the_run_summary_says_what_the_process_itself_needed(tmp_path, tiny_mode
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0 < summary["peak_anonymous_mb"] <= summary["peak_rss_mb"]
     assert summary["peak_files_mb"] > 0
+
+
+def test_mmap_threshold_is_an_explicit_checked_option():
+    import platform
+
+    import pytest
+
+    from loraq import LoraqError, TrainConfig
+    from loraq.product.host_memory import set_mmap_threshold
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert set_mmap_threshold(4)
+        assert set_mmap_threshold(32)  # glibc's own ceiling: what its dynamic threshold reaches anyway
+    for bad in (-1, 33, 1.5):
+        with pytest.raises(LoraqError, match="--mmap-threshold-mb must be an integer from 0 to 32"):
+            TrainConfig(mmap_threshold_mb=bad)

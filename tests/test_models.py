@@ -93,7 +93,6 @@ def test_16bit_embeddings_stay_16bit_and_compute_as_fp32(bf16_pair, method, monk
     from loraq.product.train import loss_sum
 
     monkeypatch.setattr(sys.modules["loraq.core.layers"], "VOCAB_CHUNK", 100)  # several slices of 5xx rows
-    monkeypatch.setattr(sys.modules["loraq.product.loss"], "VOCAB_CHUNK", 100)
     sixteen, _ = loraq.load_model(bf16_pair[0], method=method)
     fp32, _ = loraq.load_model(bf16_pair[1], method=method)
     assert sixteen.get_input_embeddings().weight.dtype == torch.bfloat16
@@ -108,14 +107,17 @@ def test_16bit_embeddings_stay_16bit_and_compute_as_fp32(bf16_pair, method, monk
         got, want = sixteen(ids).logits, fp32(ids).logits
     assert got.dtype == torch.float32 and (got - want).abs().max() <= 1e-5 * want.abs().max()
     grads = []
-    for model in (sixteen, fp32):
-        loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, method=method))
+    for model, chunked in ((sixteen, True), (sixteen, False), (fp32, True)):
+        if not hasattr(model, "loraq_configs"):
+            loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, method=method))
+        model.zero_grad(set_to_none=True)
         g = torch.Generator().manual_seed(3)
         for p in model.parameters():
             if p.requires_grad:  # B too, so that every adapter tensor has a gradient
                 p.data.normal_(0, 0.05, generator=g)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        total, _ = loss_sum(model, batch)
+        total, _ = loss_sum(model, batch, chunked=chunked)  # unchunked: the head's own backward (rows_linear)
         total.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
-    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[1].abs().max()
+    for got in grads[:2]:
+        assert (got - grads[2]).abs().max() <= 1e-5 * grads[2].abs().max()

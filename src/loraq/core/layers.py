@@ -63,8 +63,8 @@ VOCAB_CHUNK = 8192  # rows of a 16-bit head cast at a time: (8192 x hidden) fp32
 
 class Stored16Linear(nn.Linear):
     """A frozen linear layer (the output head) whose weight stays in 16 bits while its input may be fp32: the
-    weight is cast `VOCAB_CHUNK` rows at a time, so the output is the fp32 product exactly and no full fp32 copy
-    of the weight ever exists."""
+    weight is cast `VOCAB_CHUNK` rows at a time, in forward and again in backward, so the output is the fp32
+    product exactly and no fp32 copy of the weight is ever made whole or kept for backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype or torch.is_autocast_enabled(x.device.type):
@@ -73,12 +73,39 @@ class Stored16Linear(nn.Linear):
 
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` in x's dtype with `weight` cast `VOCAB_CHUNK` rows at a time."""
-    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    """`F.linear(x, weight, bias)` in x's dtype with `weight` cast `VOCAB_CHUNK` rows at a time; differentiable
+    in x (the weight and bias are frozen: backward casts the rows again rather than keeping the casts)."""
+    return _RowsLinear.apply(x, weight.detach(), None if bias is None else bias.detach())
+
+
+class _RowsLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        if out.numel() == 0:  # transformers asks the head for no rows when the loss computes its own logits
+            return out
+        for start in range(0, weight.shape[0], VOCAB_CHUNK):
+            rows = slice(start, start + VOCAB_CHUNK)
+            b = None if bias is None else bias[rows].to(x.dtype)
+            out[..., rows] = nn.functional.linear(x, weight[rows].to(x.dtype), b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        return times_rows(flat, weight).view(*grad.shape[:-1], weight.shape[1]), None, None
+
+
+def times_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (n, V) @ weight (V, H) in x's dtype, the weight cast `VOCAB_CHUNK` rows at a time."""
+    if weight.dtype == x.dtype:
+        return x @ weight
+    out = x.new_zeros(x.shape[0], weight.shape[1])
     for start in range(0, weight.shape[0], VOCAB_CHUNK):
         rows = slice(start, start + VOCAB_CHUNK)
-        b = None if bias is None else bias[rows].to(x.dtype)
-        out[..., rows] = nn.functional.linear(x, weight[rows].to(x.dtype), b)
+        out.addmm_(x[:, rows], weight[rows].to(x.dtype))
     return out
 
 

@@ -66,3 +66,23 @@ class HostMemory(threading.Thread):
         self._stop_event.set()
         self.join()
         self.sample()
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def set_mmap_threshold(mib: int) -> bool:
+    """Ask glibc to give every allocation of `mib` MiB or more pages of its own, returned to the system when
+    freed, so that host memory follows the live tensors. glibc's default threshold grows to 32 MiB as big
+    blocks are freed; the activations of a CPU step (8-22 MiB each on a 7B model) then land in the heap, where
+    freed space stays counted in RSS (measured on a 7B-shaped QLoRA step: peak 2,724 MiB by default, 2,096 at
+    4 MiB, 6% slower from the page faults of fresh pages; DESIGN.md §11). Returns False where the C library is
+    not glibc (nothing changes)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(mib) * 2**20)) if hasattr(libc, "mallopt") else False
+    except OSError:
+        return False

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.layers import VOCAB_CHUNK, rows_linear
+from ..core.layers import rows_linear, times_rows
 
 CHUNK_TOKENS = 1024  # positions per chunk: (1024 x vocab) fp32 logits at a time, 192 MiB at a 49K vocabulary
 
@@ -45,7 +45,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             probs = _logits(hidden[start:stop], weight, bias, ctx.dtype).sub_(lse[start:stop, None]).exp_()
             rows = torch.arange(probs.shape[0], device=probs.device)
             probs[rows, targets[start:stop]] -= 1.0
-            grad_hidden[start:stop] = _times_weight(probs.mul_(grad).to(ctx.dtype), weight).to(hidden.dtype)
+            grad_hidden[start:stop] = times_rows(probs.mul_(grad).to(ctx.dtype), weight).to(hidden.dtype)
         return grad_hidden, None, None, None, None, None
 
 
@@ -57,17 +57,6 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             return rows_linear(hidden.to(dtype), weight, bias).float()
         b = None if bias is None else bias.to(dtype)
         return F.linear(hidden.to(dtype), weight, b).float()
-
-
-def _times_weight(grad_logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """grad_logits (c, V) @ weight (V, H) in grad_logits' dtype, the weight cast a vocabulary slice at a time."""
-    if weight.dtype == grad_logits.dtype:
-        return grad_logits @ weight
-    out = grad_logits.new_zeros(grad_logits.shape[0], weight.shape[1])
-    for start in range(0, weight.shape[0], VOCAB_CHUNK):
-        rows = slice(start, start + VOCAB_CHUNK)
-        out.addmm_(grad_logits[:, rows], weight[rows].to(grad_logits.dtype))
-    return out
 
 
 def chunked_head_loss(

@@ -48,7 +48,7 @@ from .distributed import (
     shard_model,
     sum_over_ranks,
 )
-from .host_memory import HostMemory
+from .host_memory import HostMemory, set_mmap_threshold
 from .loss import chunked_head_loss
 from .models import load_tokenizer, model_folder
 from .offload import offload_saved
@@ -77,7 +77,8 @@ class TrainResult:
 # Options that may change between a run and its resumption (they do not change what is computed; "out": a
 # run folder moved or copied elsewhere resumes there).
 RESUMABLE_CHANGES = {
-    "resume", "overwrite", "save_every", "eval_every", "eval_batch_size", "cpu_offload", "offload_activations", "out"
+    "resume", "overwrite", "save_every", "eval_every", "eval_batch_size", "cpu_offload", "offload_activations",
+    "mmap_threshold_mb", "out",
 }  # fmt: skip
 
 
@@ -120,6 +121,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             incompatible one (with `resume`): before any training step. A NaN or infinite loss: the run
             stops, the last good checkpoint stays.
     """
+    if config.mmap_threshold_mb and not set_mmap_threshold(config.mmap_threshold_mb):
+        print("loraq: note: --mmap-threshold-mb needs glibc's malloc; ignored here", file=sys.stderr)
     with HostMemory() as host:
         return _train(config, model, tokenizer, progress, host)
 
