@@ -5,7 +5,8 @@ bitsandbytes, with and without gradient checkpointing, side by side in alternati
     .venv/bin/python bench/memory.py --setups loraq-chunked,loraq-plain --rounds 2
 
 The default model, real English (E2E descriptions end to end) with the loss on every token (DESIGN.md §11's
-setting). Per process: the step's tensor peak (the profiler's live CPU tensor bytes during one step, beyond
+setting). `loraq-chunked-mmap4` is loraq with `--mmap-threshold-mb 4` (glibc returns freed blocks of 4 MiB and
+more at once). Per process: the step's tensor peak (the profiler's live CPU tensor bytes during one step, beyond
 the model already loaded), the peak RSS of the unprofiled steps (loading included), and their median time. Writes
 bench/results/memory.json.
 """
@@ -25,7 +26,7 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 from steps import PROJECTIONS, batch_of_text, memory_events  # noqa: E402
 
-SETUPS = ("loraq-chunked", "loraq-plain", "peft-qlora")
+SETUPS = ("loraq-chunked", "loraq-chunked-mmap4", "loraq-plain", "peft-qlora")
 MB = 2**20
 
 
@@ -85,6 +86,11 @@ def measure(which: str, checkpointing: bool, batch: int, seq: int, rank: int, st
 
     import torch
 
+    from loraq.product.host_memory import set_mmap_threshold
+
+    which, _, mmap = which.partition("-mmap")  # loraq-chunked-mmap4: as `loraq train --mmap-threshold-mb 4`
+    if mmap:
+        set_mmap_threshold(int(mmap))
     torch.manual_seed(0)
     model, tokenizer = load(which, rank, checkpointing)
     model.train()
@@ -110,7 +116,7 @@ def measure(which: str, checkpointing: bool, batch: int, seq: int, rank: int, st
     optimizer.zero_grad(set_to_none=True)
     peak = max(total for _, total in memory_events(prof, trace)[1])
     return {
-        "which": which,
+        "which": which + (f"-mmap{mmap}" if mmap else ""),
         "checkpointing": checkpointing,
         "tensor_peak": peak,
         "rss_peak": rss_peak,

@@ -90,3 +90,19 @@ def test_plan_counts_what_apply_trains(tiny_model_dir, tiny):
     loraq.apply(model, config)
     plan = plan_memory(str(tiny_model_dir), "qalora", 4, 64, rank=0, train_constants="both")
     assert plan.trainable_params == loraq.parameter_summary(model).trainable
+
+
+def test_plan_counts_a_16bit_files_embeddings_as_loaded(tmp_path, tiny_model_dir):
+    """A quantized load keeps a 16-bit file's embedding and head in 16 bits (checkpoint.py); the plan counts them
+    so, and on a CPU counts the fp32 weights of an fp32 file (the tiny model's) at 4 bytes."""
+    import json
+    import shutil
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16", "torch_dtype": "bfloat16"}))
+    vocab, hidden = config["vocab_size"], config["hidden_size"]  # tied: one embedding matrix
+    fp32, sixteen = (plan_memory(str(f), "qlora", 4, 64).weights for f in (tiny_model_dir, folder))
+    assert fp32 - sixteen == 2 * vocab * hidden
+    assert plan_memory(str(folder), "lora", 4, 64).weights == plan_memory(str(tiny_model_dir), "lora", 4, 64).weights

@@ -95,9 +95,13 @@ class MemoryPlan:
             f"  + gathered blocks {self.gathered / mb:,.0f} MB + activations {self.activations / mb:,.0f} MB "
             f"+ workspace {self.workspace / mb:,.0f} MB + runtime {self.runtime / mb:,.0f} MB",
             f"  -> estimated peak {self.on_device / mb:,.0f} MB on {self.device}"
-            + (f"; host {self.host / mb:,.0f} MB" if self.device != "cpu" else ""),
+            + (f"; host {self.host / mb:,.0f} MB" if self.device != "cpu" else " (the process's own memory)"),
             f"  loading: host memory {self.load_host / mb:,.0f} MB per process",
         ]
+        if self.device == "cpu":  # DESIGN.md §11, bench/big_model.py: 6,229 vs 10,623 MiB on a 7B QLoRA step
+            lines.append(
+                "  (on glibc with `loraq train --mmap-threshold-mb 4`; its default keeps freed memory: up to 1.7x this)"
+            )
         return "\n".join(lines)
 
 
@@ -177,8 +181,10 @@ def plan_memory(
     if embedding_bytes < compute_bytes:  # a 16-bit head under fp32 compute is cast a slice of rows at a time
         activations += VOCAB_CHUNK * h * compute_bytes
     largest = max(i * o for i, o in shapes)
-    # a 4-bit layer dequantizes into a buffer in the compute dtype (on a CPU also the fp32 values and an index)
-    workspace = largest * (compute_bytes + (0 if device == "cuda" else 5)) if scheme.quantized else 0
+    # a 4-bit layer dequantizes into a buffer in the compute dtype; on a CPU through fp32 values (the buffer itself
+    # under fp32 compute) and a 4-byte index per two packed bytes
+    cpu_bytes = 5 + (compute_bytes if compute_bytes != 4 else 0)
+    workspace = largest * (compute_bytes if device == "cuda" else cpu_bytes) if scheme.quantized else 0
     gathered = 0
     if world_size > 1:  # blocks whole while they compute (weights, adapter and its gradient), the root's embedding
         gathered = GATHERED_BLOCKS * (block + 8 * block_trainable) + frozen_bytes * vocab * h

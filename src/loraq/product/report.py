@@ -91,6 +91,8 @@ def write_report(
     own = ""
     if "peak_anonymous_mb" in summary:
         own = f" (the process's own {summary['peak_anonymous_mb']:,.0f} MB"
+        if "peak_anonymous_load_mb" in summary:
+            own += f", {summary['peak_anonymous_load_mb']:,.0f} MB while loading"
         own += f", mapped files up to {summary['peak_files_mb']:,.0f} MB)" if "peak_files_mb" in summary else ")"
     print(
         f"loraq: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, {seconds / 60:.1f} min, peak RSS "

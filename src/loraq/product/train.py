@@ -143,8 +143,10 @@ def _train(config: TrainConfig, model: nn.Module | None, tokenizer, progress: bo
     tokenizer = tokenizer or load_tokenizer(config.model)
     data = _encode_data(config, tokenizer)
     loading = time.perf_counter()
+    host.phase("load")
     model = _build_model(config, data, model, tokenizer, device, dtype, writer, world, run)
     load_seconds = time.perf_counter() - loading
+    host.phase("train")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     # fp16 autocast (a GPU without bf16) needs loss scaling; disabled, the scaler passes everything through
@@ -196,6 +198,7 @@ def _train(config: TrainConfig, model: nn.Module | None, tokenizer, progress: bo
             if writer:
                 save_adapter(model, run.adapter_dir)
                 peaks = {k: host.peak(k) for k in ("anonymous", "files")}
+                peaks["anonymous_load"] = host.peaks.get("load", {}).get("anonymous")
                 write_report(run.path, seconds, peaks, load_seconds=load_seconds)
     barrier()
     return TrainResult(
