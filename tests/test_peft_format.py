@@ -165,8 +165,11 @@ def test_nan_weights_and_unsupported_options_refused(tiny, saved):
     with pytest.raises(LoraqError, match="non-finite"):
         loraq.load_adapter(tiny[0], saved)
     config = json.loads((saved / "adapter_config.json").read_text())
-    (saved / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(LoraqError, match="use_dora=True is not supported"):
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "bias": "all"}))
+    with pytest.raises(LoraqError, match="bias='all' is not supported"):
+        loraq.load_adapter(tiny[0], saved)
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))  # without magnitudes
+    with pytest.raises(LoraqError, match="has no lora_magnitude weight"):
         loraq.load_adapter(tiny[0], saved)
     (saved / "adapter_config.json").write_text(json.dumps({**config, "r": 0}))
     with pytest.raises(LoraqError, match=r"adapter_config\.json.*r \(--rank\)"):

@@ -384,7 +384,9 @@ def test_exports_that_cannot_hold_trained_constants_are_refused_up_front(constan
 def test_constants_need_qalora_and_rank_zero_needs_constants():
     with pytest.raises(LoraqError, match="--train-constants offset.* needs --method qalora, not qlora"):
         LoraConfig(method="qlora", train_constants="offset")
-    with pytest.raises(LoraqError, match=r"r \(--rank\) must be a positive integer \(0 only with --train-constants\)"):
+    with pytest.raises(
+        LoraqError, match=r"r \(--rank\) must be a positive integer \(0 only with --train-constants or --dora\)"
+    ):
         LoraConfig(r=0, method="qalora")
     with pytest.raises(LoraqError, match="pooling .* must be sum or mean"):
         LoraConfig(method="qalora", pooling="max")

@@ -46,6 +46,9 @@ class LoraConfig:
         train_constants: QA-LoRA only: also train each frozen group's "scale", "offset" or "both" (codes never
             change; the trained constants are written back on merge, exactly up to fp16). With r=0 only the
             constants train.
+        use_dora: DoRA (weight-decomposed LoRA, PEFT's `use_dora`): each output row of the adapted weight is
+            rescaled to a trained magnitude, W' = m / ||W0 + s·B·A||_row · (W0 + s·B·A), the norm detached in
+            backward. With r=0 only the magnitudes train.
         adapter_name: name of the adapter inside the model; several may coexist, one active.
     """
 
@@ -62,12 +65,22 @@ class LoraConfig:
     quantizer: str = "auto"
     pooling: str = "sum"
     train_constants: str = "none"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         problems = []
         constants = self.train_constants != "none"
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < (0 if constants else 1):
-            problems.append(f"r (--rank) must be a positive integer (0 only with --train-constants), got {self.r!r}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < (0 if constants or self.use_dora else 1):
+            problems.append(
+                f"r (--rank) must be a positive integer (0 only with --train-constants or --dora), got {self.r!r}"
+            )
+        if not isinstance(self.use_dora, bool):
+            problems.append(f"use_dora (--dora) must be true or false, got {self.use_dora!r}")
+        elif self.use_dora and constants:
+            problems.append(
+                "use_dora (--dora) rescales rows by their norm, which trained group constants would change under it: "
+                "use one of --dora and --train-constants"
+            )
         if self.pooling not in POOLINGS:
             problems.append(f"pooling (--pooling) must be sum or mean, got {self.pooling!r}")
         if self.train_constants not in CONSTANTS:

@@ -250,6 +250,11 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.
 def _merged_linear(layer: LoraLinear) -> nn.Linear:
     """A full-precision nn.Linear holding the dequantized base weight plus the active adapter's update."""
     base = layer.base
+    adapter = layer.adapters[layer.active]
     weight = scheme_of(base).dequantize(base)
-    weight += layer.adapters[layer.active].delta_weight().to(weight.device)
+    weight += adapter.delta_weight().to(weight.device)
+    if adapter.dora:  # W' = m / ||W0 + ΔW|| · (W0 + ΔW), row by row
+        weight *= (adapter.magnitude.detach().float().to(weight.device) / torch.linalg.vector_norm(weight, dim=1))[
+            :, None
+        ]
     return plain_linear(weight, base.bias, getattr(base, "weight_dtype", torch.float32))

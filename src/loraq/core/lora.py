@@ -14,6 +14,13 @@ its full-width form (`delta_weight`) repeats each column L times. (Mean pooling,
 the same with the update divided by L, which under Adam trains L times slower: DESIGN.md §8.) QA-LoRA can
 also train the base's group constants themselves (`LoraAdapter.gamma`, `.delta`).
 
+DoRA (`use_dora`, PEFT's definition): each output row o of the adapted weight is rescaled to a trained
+magnitude m_o, W'[o] = k_o·(W0 + ΔW)[o] with k_o = m_o / ||(W0 + ΔW)[o]||, the norm detached in backward; m
+starts at the row norms, so a fresh DoRA adapter changes nothing. The norm is computed each step without forming
+W0 + ΔW: ||W0[o]||² is fixed (the base is frozen), and the two other terms need W0·Aᵀ (r rows, computed by the
+base in the same call as the layer's input: one dequantization) and B·(A·Aᵀ)·Bᵀ. In an INT-k base a pooled
+update with DoRA stays exactly representable: scale' = k·scale, offset' = k·(offset + Δ), codes unchanged.
+
 Which adapters merge exactly into which base, and how, is the base's scheme's answer (quant/schemes/).
 """
 
@@ -26,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraqError
-from ..quant.frozen import FrozenQuantized
+from ..quant.frozen import FrozenQuantized, IntLinear
 from ..quant.schemes import Scheme, scheme_of
 from .config import LoraConfig
-from .layers import layer_shape
+from .layers import is_plain_linear, layer_shape, linear_weight
 
 
 class LoraAdapter(nn.Module):
@@ -63,24 +70,46 @@ class LoraAdapter(nn.Module):
         trains = config.train_constants
         self.gamma = nn.Parameter(torch.zeros(out_features, groups)) if trains in ("scale", "both") else None
         self.delta = nn.Parameter(torch.zeros(out_features, groups)) if trains in ("offset", "both") else None
+        # DoRA: the magnitudes (set to the base's row norms by LoraLinear.add_adapter) and ||W0[o]||², fixed
+        self.magnitude = nn.Parameter(torch.ones(out_features)) if config.use_dora else None
+        self.register_buffer("base_norm_sq", torch.ones(out_features) if config.use_dora else None, persistent=False)
 
     @property
     def trains_constants(self) -> bool:
         return self.gamma is not None or self.delta is not None
 
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.update(self.dropout(x))
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """s·B·A·pool(x), the input already dropped out."""
         if self.pool > 1 or not torch.is_autocast_enabled(x.device.type):
             # (pooled sums in fp32; the fp32 copy is not kept for backward, only the pooled input is)
             x = x.to(self.A.dtype)
         # under autocast the input stays in its 16-bit dtype: the matmul keeps that very tensor for backward,
         # the one the base layer keeps too, instead of a second copy cast there and back
-        x = self.dropout(x)
         if self.pooling == "mean":  # adapters saved before sum pooling: computed exactly as they were
             x = x.unflatten(-1, (-1, self.pool)).mean(dim=-1)
         elif self.pool > 1:
             x = x.unflatten(-1, (-1, self.pool)).sum(dim=-1)
         # Scale the r-wide intermediate rather than the out-wide result: same value, fewer multiplies.
         return F.linear(F.linear(x, self.A) * self.scaling, self.B)
+
+    def dora_norm(self, w0_a: torch.Tensor | None) -> torch.Tensor:
+        """||(W0 + ΔW)[o]|| for every output row, fp32, from ||W0[o]||² (`base_norm_sq`) and `w0_a`, the base's
+        weight times the expanded A, (r, out) = A·W0ᵀ (None at rank 0):
+        ||W0 + ΔW||² = ||W0||² + 2s·Σ_r B[o,r]·(A·W0ᵀ)[r,o] + s²·(B·(A·Aᵀ)·Bᵀ)[o,o]."""
+        norm_sq = self.base_norm_sq
+        if self.r and w0_a is not None:
+            a, b = self.expanded_A(), self.B.detach().float()
+            cross = (b * w0_a.detach().float().T).sum(dim=1)
+            own = ((b @ (a @ a.T)) * b).sum(dim=1)
+            norm_sq = norm_sq + 2 * self.scaling * cross + self.scaling**2 * own
+        return norm_sq.clamp(min=0).sqrt()
 
     def group_delta(self) -> torch.Tensor:
         """s·(B·A)·pool_scale in float32, shape (out, in / pool): the weight change of each group's columns."""
@@ -129,8 +158,26 @@ class LoraLinear(nn.Module):
         device = next(iter(self.base.state_dict().values())).device
         if device.type != "meta":  # (a base built on meta to load into shards: the adapter keeps its values)
             adapter.to(device=device)
+        if adapter.dora:
+            self._start_dora(adapter, device)
         self.adapters[name] = adapter
         return adapter
+
+    @torch.no_grad()
+    def _start_dora(self, adapter: LoraAdapter, device: torch.device) -> None:
+        """||W0[o]||² of the weight the base computes with (dequantized), and m = ||W0 + ΔW|| (= ||W0|| while B
+        is zero): a fresh DoRA adapter changes nothing."""
+        scheme = self._scheme()
+        if device.type == "meta":
+            raise LoraqError("DoRA needs the base's weights to start its magnitudes: not yet under torchrun (FSDP2)")
+        if scheme.merge_rounds(adapter):
+            raise LoraqError(
+                f"DoRA on a {scheme.describe()} base: its format holds no free offset, so training computes with the "
+                "rounded merge; train DoRA on a Q4_1/INT-k base (--method qalora) or a 16-bit one"
+            )
+        weight = scheme.dequantize(self.base).float()
+        adapter.base_norm_sq.copy_(weight.pow(2).sum(dim=1))
+        adapter.magnitude.copy_(torch.linalg.vector_norm(weight + adapter.delta_weight().to(weight.device), dim=1))
 
     def set_active(self, name: str) -> None:
         if name not in self.adapters:
@@ -146,6 +193,8 @@ class LoraLinear(nn.Module):
         out_dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):  # one 16-bit copy of the input, for base and adapter alike
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if adapter.dora:
+            return self._dora_forward(x, adapter, out_dtype)
         written = self._written_weight(adapter) if adapter.r else None
         if written is not None:
             # The base's format cannot hold every update exactly (GGUF types without free offsets): compute with
@@ -159,6 +208,31 @@ class LoraLinear(nn.Module):
         if isinstance(self.base, FrozenQuantized):  # (a quantized layer answers in its input's dtype)
             y = y.to(out_dtype)
         return y + adapter(x).to(y.dtype) if adapter.r else y
+
+    def _dora_forward(self, x: torch.Tensor, adapter: LoraAdapter, out_dtype: torch.dtype) -> torch.Tensor:
+        """PEFT's DoRA: y = W0·x + b + (k - 1)·W0·x_d + k·s·B·A·x_d, x_d the dropped-out input (x itself without
+        dropout: then y = k·(W0·x + s·B·A·x) + b). The base multiplies x_d and the expanded A in one call."""
+        no_dropout = isinstance(adapter.dropout, nn.Identity) or not self.training
+        dropped = x if no_dropout else adapter.dropout(x)
+        bias = getattr(self.base, "bias", None)
+        shape = (*x.shape[:-1], self.out_features)
+        w0_a = None
+        if adapter.r:
+            flat = dropped.reshape(-1, x.shape[-1])
+            both = self.base(torch.cat([flat, adapter.expanded_A().to(device=x.device, dtype=flat.dtype)]))
+            base_d, w0_a = both[: flat.shape[0]].reshape(shape), both[flat.shape[0] :]
+            if bias is not None:
+                w0_a = w0_a - bias.to(w0_a.dtype)
+        else:
+            base_d = self.base(dropped)
+        base_d = base_d.to(out_dtype)
+        k = (adapter.magnitude / adapter.dora_norm(w0_a).to(adapter.magnitude.device)).to(out_dtype)
+        no_bias = base_d if bias is None else base_d - bias.to(out_dtype)
+        update = adapter.update(dropped).to(out_dtype) if adapter.r else 0.0
+        if no_dropout:  # one product
+            return k * (no_bias + update) + (0.0 if bias is None else bias.to(out_dtype))
+        y = self.base(x).to(out_dtype)
+        return y + (k - 1) * no_bias + k * update
 
     def _written_weight(self, adapter: LoraAdapter) -> torch.Tensor | None:
         scheme = self._scheme()
@@ -183,20 +257,67 @@ class LoraLinear(nn.Module):
         """
         if self.merged is not None or self.active is None:
             return
-        self._scheme().merge(self.base, self.adapters[self.active])
+        adapter = self.adapters[self.active]
+        if adapter.dora:
+            self._merge_dora(adapter)
+        else:
+            self._scheme().merge(self.base, adapter)
         self.merged = self.active
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the merged adapter from the base again (exact up to the rounding of the stored values)."""
+        """Subtract the merged adapter from the base again (exact up to the rounding of the stored values; a
+        DoRA merge is undone exactly, from the values it kept)."""
         if self.merged is None:
             return
-        self._scheme().merge(self.base, self.adapters[self.merged], sign=-1.0)
+        adapter = self.adapters[self.merged]
+        if adapter.dora:
+            for name, kept in self._dora_kept.items():
+                getattr(self.base, name).copy_(kept)
+            del self._dora_kept
+        else:
+            self._scheme().merge(self.base, adapter, sign=-1.0)
         self.merged = None
 
     def merges_in_format(self) -> bool:
         """Whether the active adapter merges into the base in place, keeping the base's format."""
-        return self.active is not None and self._scheme().merges_in_format(self.adapters[self.active].pool)
+        if self.active is None:
+            return False
+        adapter = self.adapters[self.active]
+        if adapter.dora:
+            return self._dora_targets(adapter) is not None
+        return self._scheme().merges_in_format(adapter.pool)
+
+    def _dora_targets(self, adapter: LoraAdapter) -> tuple[str, ...] | None:
+        """The base tensors a DoRA merge rewrites: a full-precision weight, or an INT-k base's scale and offset
+        (the update pooled over its groups, or none at rank 0); None where the format cannot hold it exactly."""
+        if is_plain_linear(self.base):
+            return ("weight",)
+        if isinstance(self.base, IntLinear) and (not adapter.r or adapter.pool == self.base.group_size):
+            return ("scale", "offset")
+        return None
+
+    def _merge_dora(self, adapter: LoraAdapter) -> None:
+        """W' = k·(W0 + ΔW), k = m / ||W0 + ΔW|| per row: into a full-precision weight (fp32, one rounding), or
+        exactly into an INT-k base's constants, scale' = k·scale and offset' = k·(offset + Δ) (codes unchanged,
+        fp16 rounding of the constants). The replaced tensors are kept so that unmerge restores them exactly."""
+        targets = self._dora_targets(adapter)
+        if targets is None:
+            where = self._scheme().describe()
+            raise LoraqError(f"a DoRA adapter cannot be merged exactly into a {where} base; use loraq.merge(model)")
+        weight = self._scheme().dequantize(self.base).float()
+        delta = adapter.delta_weight().to(weight.device)
+        k = adapter.magnitude.detach().float().to(weight.device) / torch.linalg.vector_norm(weight + delta, dim=1)
+        self._dora_kept = {name: getattr(self.base, name).detach().clone() for name in targets}
+        if targets == ("weight",):
+            stored = linear_weight(self.base)
+            stored.copy_((k[:, None] * (weight + delta)).to(stored.dtype))
+            return
+        base: IntLinear = self.base
+        group_delta = adapter.group_delta().to(weight.device) if adapter.r else 0.0
+        scale, offset = base.scale.float(), base.offset.float()
+        base.scale.copy_((k[:, None] * scale).to(base.scale.dtype))
+        base.offset.copy_((k[:, None] * (offset + group_delta)).to(base.offset.dtype))
 
     def _scheme(self) -> Scheme:
         scheme = scheme_of(self.base)

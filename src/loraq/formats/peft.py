@@ -1,7 +1,8 @@
 """Adapters on disk in Hugging Face PEFT's format, so that PEFT and vLLM load what loraq writes and back.
 
 A folder holds `adapter_config.json` and `adapter_model.safetensors` (metadata {"format": "pt"}), with keys
-`base_model.model.<module name>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r).
+`base_model.model.<module name>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r); a DoRA adapter also
+`...lora_magnitude_vector` (out,) and `"use_dora": true`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 # PEFT writes no adapter name in keys; older files and in-memory state dicts put one before ".weight".
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+# DoRA's magnitudes: PEFT writes `<module>.lora_magnitude_vector`, in memory `...lora_magnitude_vector.<name>.weight`
+_MAGNITUDE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$"
+)
 # Config fields whose non-default values change the math; loraq refuses them rather than load them wrong.
 _UNSUPPORTED = {
-    "use_dora": (False, None),
     "bias": ("none", None),
     "modules_to_save": (None, []),
     "rank_pattern": ({}, None),
@@ -68,6 +72,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
             # pools it back exactly (group sizes are powers of two, so A·pool_scale / pool_scale == A).
             tensors[f"{PREFIX}{module_name}.lora_A.weight"] = adapter.expanded_A().contiguous().cpu()
             tensors[f"{PREFIX}{module_name}.lora_B.weight"] = adapter.B.detach().float().contiguous().cpu()
+            if adapter.dora:
+                magnitude = adapter.magnitude.detach().float().contiguous().cpu()
+                tensors[f"{PREFIX}{module_name}.lora_magnitude_vector"] = magnitude
             for which in ("gamma", "delta"):
                 if getattr(adapter, which) is not None:
                     constants[f"{module_name}.{which}"] = getattr(adapter, which).detach().float().contiguous().cpu()
@@ -78,7 +85,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
         metadata["loraq_train_constants"] = config.train_constants
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
-        if config.r:
+        if config.r or config.use_dora:
+            if not config.r:  # magnitudes alone (PEFT has no rank 0): the empty A and B go with them
+                tensors = {k: v for k, v in tensors.items() if k.endswith("lora_magnitude_vector")}
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         if constants:
             save_file(constants, str(tmp / CONSTANTS_NAME), metadata=metadata)
@@ -102,7 +111,7 @@ def _peft_config(model: nn.Module, config: LoraConfig, layers: dict, name: str) 
         "bias": "none",
         "fan_in_fan_out": any(is_conv1d(layer.base) for layer in layers.values()),  # GPT-2's Conv1D
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "init_lora_weights": True if config.init == "kaiming" else "gaussian",
         "modules_to_save": None,
         "inference_mode": True,
@@ -151,6 +160,7 @@ def read_adapter_config(folder: str | os.PathLike, adapter_name: str = "default"
             adapter_name=adapter_name,
             pooling=meta["pooling"],
             train_constants=meta["train_constants"],
+            use_dora=bool(raw.get("use_dora") or False),
             **qalora,
         )
     except LoraqError as e:
@@ -260,7 +270,9 @@ def load_adapter_weights(model: nn.Module, folder: str | os.PathLike, adapter_na
     pairs, pool = _checked_pairs(model, folder, config, allow_pickle=False)
     holding = {name for name, layer in lora_layers(model).items() if adapter_name in layer.adapters}
     own = configs[adapter_name]
-    if set(pairs) != holding or (config.r, pool, config.train_constants) != (own.r, own.pool, own.train_constants):
+    mine = (own.r, own.pool, own.train_constants, own.use_dora)
+    theirs = (config.r, pool, config.train_constants, config.use_dora)
+    if set(pairs) != holding or mine != theirs:
         raise LoraqError(
             f"{Path(folder) / WEIGHTS_NAME}: this adapter (r={config.r}, {len(pairs)} layers, pooling {pool}) is not "
             f"the model's {adapter_name!r} (r={own.r}, {len(holding)} layers, pooling {own.pool})"
@@ -274,15 +286,16 @@ def _checked_pairs(
 ) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], int]:
     """module name -> {"A": (key, tensor), "B": ...}, every name and shape checked against the model, and the
     pooling window they load with (A pooled back for a QA-LoRA adapter on bases that take it exactly)."""
-    tensors = read_adapter_tensors(folder, allow_pickle) if config.r else {}
+    tensors = read_adapter_tensors(folder, allow_pickle) if config.r or config.use_dora else {}
     path = Path(folder) / WEIGHTS_NAME
     pool = loraq_metadata(folder)["pool"]
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, tensor in tensors.items():
-        m = _KEY.match(key)
+        m = _KEY.match(key) or (_MAGNITUDE.match(key) if config.use_dora else None)
         if m is None:
-            raise LoraqError(f"{path}: tensor {key!r} is not a LoRA A/B weight; loraq loads plain LoRA adapters")
-        pairs.setdefault(m["module"], {})[m["which"]] = (key, tensor)
+            raise LoraqError(f"{path}: tensor {key!r} is not a LoRA A/B weight or DoRA magnitude")
+        which = m.groupdict().get("which") or "magnitude"
+        pairs.setdefault(m["module"], {})[which] = (key, tensor)
     constants = _read_constants(Path(folder), config)
     if config.r and constants and set(constants) != set(pairs):
         raise LoraqError(f"{Path(folder) / CONSTANTS_NAME}: its layers are not the adapter's")
@@ -299,14 +312,15 @@ def _checked_pairs(
                 f"{path}: {next(iter(ab.values()))[0]!r} names module {module_name!r}, which is not a linear "
                 f"layer of this model{hint}; was this adapter trained on another model?"
             )
-        if config.r and not {"A", "B"} <= set(ab):
-            missing = ({"A", "B"} - set(ab)).pop()
+        needed = ({"A", "B"} if config.r else set()) | ({"magnitude"} if config.use_dora else set())
+        if not needed <= set(ab):
+            missing = sorted(needed - set(ab))[0]
             raise LoraqError(f"{path}: module {module_name!r} has no lora_{missing} weight")
         out_features, in_features = layer_shape(model.get_submodule(module_name))
-        expected = {"A": (config.r, in_features), "B": (out_features, config.r)}
+        expected = {"A": (config.r, in_features), "B": (out_features, config.r), "magnitude": (out_features,)}
         expected.update(gamma=(out_features, in_features // pool), delta=(out_features, in_features // pool))
         for which, (key, t) in ab.items():
-            where = path if which in "AB" else Path(folder) / CONSTANTS_NAME
+            where = path if which in ("A", "B", "magnitude") else Path(folder) / CONSTANTS_NAME
             if tuple(t.shape) != expected[which]:
                 raise LoraqError(
                     f"{where}: {key!r} has shape {tuple(t.shape)} but this model needs {expected[which]} "

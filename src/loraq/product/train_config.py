@@ -70,6 +70,9 @@ class TrainConfig:
     train_constants: str = _opt(
         "none", "qalora: also train each group's constants: none, offset, scale or both (--rank 0: only them)"
     )
+    dora: bool = _opt(
+        False, "DoRA: also train a magnitude per output row (PEFT's use_dora); with --rank 0 only the magnitudes"
+    )
     steps: int = _opt(100, "optimizer steps")
     batch_size: int = _opt(8, "examples per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
@@ -190,6 +193,7 @@ class TrainConfig:
                 quantizer=self.quantizer,
                 pooling=self.pooling,
                 train_constants=self.train_constants,
+                use_dora=self.dora,
             )
         except LoraqError as e:
             problems.append(str(e).removeprefix("invalid LoRA config: "))

@@ -1,0 +1,173 @@
+"""DoRA (use_dora): PEFT's numbers both ways, on every base loraq trains; exact merges into 16-bit and INT-k
+bases, unmerge bit-exact; magnitude-only adapters; the options that cannot hold it refused by name."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig as PeftConfig
+from peft import PeftModel, get_peft_model
+from test_layers import tiny_gpt2
+
+import loraq
+from loraq import LoraqError
+from loraq.core.inject import dequantize_base, lora_layers
+from loraq.quant.frozen import IntLinear
+
+
+def randomize(model, seed: int = 0, scale: float = 0.05) -> None:
+    """Give every trainable tensor (A, B and the magnitudes) values away from its start, the same for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=g) * scale
+                p.add_(noise * p.abs().mean() * 10) if "magnitude" in name else p.copy_(noise)
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def close(a, b, tol=1e-5) -> bool:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max()) <= tol * float(b.abs().max())
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "qalora"])
+def test_loraq_dora_loads_into_peft_with_the_same_logits(tiny_model_dir, tokens, tmp_path, method):
+    """loraq -> PEFT, on the weight loraq's base computes with (dequantized for 4-bit bases: the same math)."""
+    model, _ = loraq.load_model(tiny_model_dir)
+    loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, method=method, use_dora=True))
+    randomize(model)
+    loraq.save_adapter(model, tmp_path / "ad")
+    reference = dequantize_base(copy.deepcopy(loraq.unload(copy.deepcopy(model))))
+    peft_model = PeftModel.from_pretrained(reference, tmp_path / "ad").eval()
+    assert close(logits(model.eval(), tokens), logits(peft_model, tokens))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_peft_dora_loads_into_loraq_with_the_same_logits(tiny_model_dir, family, tmp_path):
+    """PEFT -> loraq, on the tiny Llama and on GPT-2 (Conv1D, fan_in_fan_out), in eval and in training mode
+    with dropout (the same random mask: one dropout call per layer, as PEFT's training formula)."""
+    if family == "llama":
+        base, _ = loraq.load_model(tiny_model_dir)
+        targets, fan = ["q_proj", "v_proj", "down_proj"], False
+    else:
+        base, targets, fan = tiny_gpt2(), ["c_attn", "c_proj", "c_fc"], True
+    tokens = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(1))
+    config = PeftConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True, lora_dropout=0.2, fan_in_fan_out=fan)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    randomize(peft_model, seed=2)
+    peft_model.save_pretrained(tmp_path / "ad")
+    ours = loraq.load_adapter(base, tmp_path / "ad")
+    assert close(logits(ours.eval(), tokens), logits(peft_model.eval(), tokens))
+    ours.train(), peft_model.train()
+    torch.manual_seed(5)
+    want = peft_model(tokens).logits
+    torch.manual_seed(5)
+    got = ours(tokens).logits
+    assert close(got, want)
+
+
+def test_a_fresh_dora_adapter_changes_nothing_and_trains_the_magnitudes(tiny, tokens):
+    model, _ = tiny
+    before = logits(model, tokens)
+    loraq.apply(model, loraq.LoraConfig(r=4, method="qalora", use_dora=True))
+    quantized = loraq.unload(copy.deepcopy(model))
+    assert close(logits(model, tokens), logits(quantized, tokens), 1e-6)
+    assert not close(before, logits(quantized, tokens), 1e-3)  # (the INT4 base itself differs from fp32)
+    model.train()
+    model(tokens, labels=tokens).loss.backward()
+    names = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"magnitude", "B"} <= names  # (A's gradient is zero while B is)
+
+
+def test_dora_merges_exactly_into_int4_offsets_and_scales(tiny, tokens):
+    """scale' = k·scale, offset' = k·(offset + Δ): codes byte-identical, logits as trained (fp16 constants);
+    unmerge restores the constants bit for bit (kept, not divided)."""
+    model, _ = tiny
+    loraq.apply(model, loraq.LoraConfig(r=4, method="qalora", use_dora=True))
+    randomize(model, seed=3)
+    trained = logits(model, tokens)
+    layers = lora_layers(model)
+    before = {n: (x.base.packed.clone(), x.base.scale.clone(), x.base.offset.clone()) for n, x in layers.items()}
+    for layer in layers.values():
+        assert layer.merges_in_format()
+        layer.merge()
+    assert close(logits(model, tokens), trained, 1e-3)
+    for name, layer in layers.items():
+        packed, scale, offset = before[name]
+        assert torch.equal(layer.base.packed, packed) and not torch.equal(layer.base.scale, scale)
+        layer.unmerge()
+        assert torch.equal(layer.base.scale, scale) and torch.equal(layer.base.offset, offset)
+    assert close(logits(model, tokens), trained, 1e-6)
+    merged = loraq.merge(model)
+    assert all(isinstance(merged.get_submodule(n), IntLinear) for n in layers)
+    assert close(logits(merged, tokens), trained, 1e-3)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_dora_merge_into_16_bits(tiny, tokens, method):
+    """A full-precision base takes W' = k·(W0 + ΔW) in place (unmerge exact); NF4 cannot hold it and
+    loraq.merge dequantizes it first."""
+    model, _ = tiny
+    loraq.apply(model, loraq.LoraConfig(r=4, method=method, use_dora=True))
+    randomize(model, seed=4)
+    trained = logits(model, tokens)
+    layers = lora_layers(model)
+    if method == "lora":
+        kept = {n: x.base.weight.clone() for n, x in layers.items()}
+        for layer in layers.values():
+            layer.merge()
+        assert close(logits(model, tokens), trained)
+        for name, layer in layers.items():
+            layer.unmerge()
+            assert torch.equal(layer.base.weight, kept[name])
+    else:
+        with pytest.raises(LoraqError, match="cannot be merged exactly into a NF4"):
+            next(iter(layers.values())).merge()
+    assert close(logits(loraq.merge(model), tokens), trained)
+
+
+def test_magnitude_only_dora(tiny, tokens, tmp_path, tiny_model_dir):
+    """--dora --rank 0: only the magnitudes train; they merge into any INT-k base's scales and offsets and
+    round-trip through loraq's adapter files."""
+    model, _ = tiny
+    loraq.apply(model, loraq.LoraConfig(r=0, method="qalora", use_dora=True))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and p.numel()]  # (A, B: rank 0, empty)
+    assert trainable and all(n.endswith("magnitude") for n in trainable)
+    randomize(model, seed=6)
+    trained = logits(model, tokens)
+    loraq.save_adapter(model, tmp_path / "mag")
+    fresh, _ = loraq.load_model(tiny_model_dir)
+    loraq.apply(fresh, loraq.LoraConfig(r=0, method="qalora", use_dora=True))
+    loraq.load_adapter_weights(fresh, tmp_path / "mag")
+    assert close(logits(fresh, tokens), trained, 1e-6)
+    assert close(logits(loraq.merge(model), tokens), trained, 1e-3)
+
+
+def test_options_dora_cannot_take_are_refused():
+    with pytest.raises(LoraqError, match="use one of --dora and --train-constants"):
+        loraq.LoraConfig(method="qalora", use_dora=True, train_constants="offset")
+    with pytest.raises(LoraqError, match="use_dora .* must be true or false"):
+        loraq.LoraConfig(use_dora="yes")
+
+
+def test_train_with_dora_writes_a_peft_dora_adapter(tmp_path, tiny_model_dir, tokens):
+    from conftest import E2E_TINY
+
+    from loraq import TrainConfig
+
+    config = TrainConfig(model=str(tiny_model_dir), data=str(E2E_TINY), steps=6, batch_size=4, lr=1e-2, rank=4,
+                         method="qalora", dora=True, eval_every=3, out=str(tmp_path / "run"))  # fmt: skip
+    result = loraq.train(config, progress=False)
+    assert result.val_loss_after < result.val_loss_before
+    import json
+
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True
+    base, _ = loraq.load_model(tiny_model_dir, method="qalora")  # the INT4 g32 base it trained on
+    reloaded = loraq.load_adapter(base, tmp_path / "run" / "adapter")
+    assert close(logits(reloaded.eval(), tokens), logits(result.model.eval(), tokens), 1e-4)
