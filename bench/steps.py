@@ -6,6 +6,7 @@ setups alternate for --rounds rounds; the report gives medians and ratios to the
     .venv/bin/python bench/steps.py                       # loraq-lora vs peft-lora
     .venv/bin/python bench/steps.py --setups loraq-qlora,loraq-lora,peft-lora,peft-qlora
     .venv/bin/python bench/steps.py --setups loraq-lora,loraq-qlora,loraq-qalora,loraq-constants
+    .venv/bin/python bench/steps.py --setups loraq-qalora,loraq-qadora,loraq-qlora,loraq-qdora   # DoRA's cost
 
 Batch 4 x 256 tokens, r=16 on all 7 projections, loss on every token, AdamW on the adapter.
 """
@@ -44,7 +45,8 @@ def batch_of_text(tokenizer, batch: int, seq: int):
     return torch.tensor(ids).view(batch, seq)
 
 
-SETUPS = ("loraq-lora", "loraq-qlora", "loraq-qalora", "loraq-constants", "peft-lora", "peft-qlora")
+SETUPS = ("loraq-lora", "loraq-qlora", "loraq-qalora", "loraq-constants", "peft-lora", "peft-qlora",
+          "loraq-dora", "loraq-qdora", "loraq-qadora", "peft-dora")  # fmt: skip
 
 
 def load(which: str, rank: int):
@@ -55,9 +57,12 @@ def load(which: str, rank: int):
     if which.startswith("loraq"):
         # the base is built while loading, as `loraq train` does: NF4 + double quantization, blocksize 64, or
         # the GGUF's own INT4 g32 codes; "constants" trains the groups' scales and offsets alone
-        method = {"loraq-lora": "lora", "loraq-qlora": "qlora"}.get(which, "qalora")
+        # "-dora" setups add DoRA (loraq-dora, loraq-qdora, loraq-qadora)
+        dora = which.endswith("dora")
+        plain = which.replace("qadora", "qalora").replace("dora", "lora")
+        method = {"loraq-lora": "lora", "loraq-qlora": "qlora"}.get(plain, "qalora")
         options = {"r": 0, "train_constants": "both"} if which == "loraq-constants" else {"r": rank}
-        config = loraq.LoraConfig(alpha=2 * rank, targets=PROJECTIONS, method=method, **options)
+        config = loraq.LoraConfig(alpha=2 * rank, targets=PROJECTIONS, method=method, use_dora=dora, **options)
         model, tokenizer = loraq.load_model("smollm2-135m", method=config)
         loraq.apply(model, config)
         return model, tokenizer
@@ -77,7 +82,8 @@ def load(which: str, rank: int):
         )
         kwargs["device_map"] = "cpu"
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS))
+    dora = which == "peft-dora"
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS, use_dora=dora))
     return model, AutoTokenizer.from_pretrained(folder)
 
 

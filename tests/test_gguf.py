@@ -159,3 +159,34 @@ def test_default_model_qalora_to_gguf(tmp_path):
             total += ids.shape[1]
     assert worst <= 1e-3  # the file holds exactly the in-memory merged model
     assert agree / total >= 0.99  # and the merge (fp16 offsets) keeps what training computed
+
+
+def test_dora_fine_tune_writes_the_same_q4_1_codes_with_its_scales_and_offsets(tiny, tiny_model_dir, tmp_path):
+    """QA-DoRA on a Q4_1 file's own codes: merged into d' = k·d and m' = k·(m + Δ), written as Q4_1 with the
+    codes byte-identical; the file read back holds exactly the merged layers, and computes what training did."""
+    model, _ = tiny
+    _tiny_gguf(model, tmp_path / "tiny.gguf")
+    tuned, _ = loraq.load_model(tiny_model_dir, quantize_layer=GgufCodes(tmp_path / "tiny.gguf").quantize_layer)
+    loraq.apply(tuned, loraq.LoraConfig(r=4, method="qalora", use_dora=True))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.requires_grad:
+                p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g)) if "magnitude" in name else p.normal_(
+                    0, 0.05, generator=g
+                )
+    ids = torch.randint(3, 200, (2, 9), generator=g)
+    with torch.no_grad():
+        trained = tuned(ids).logits
+    merged = loraq.merge(copy.deepcopy(tuned))
+    write_gguf(merged, tmp_path / "tiny.gguf", tmp_path / "dora.gguf")
+    back, _ = loraq.load_model(tiny_model_dir, quantize_layer=GgufCodes(tmp_path / "dora.gguf").quantize_layer)
+    source, _ = loraq.load_model(tiny_model_dir, quantize_layer=GgufCodes(tmp_path / "tiny.gguf").quantize_layer)
+    for name, layer in back.named_modules():
+        if isinstance(layer, IntLinear):
+            assert torch.equal(layer.packed, source.get_submodule(name).packed), name  # the same codes
+            assert torch.equal(layer.dequantize(), merged.get_submodule(name).dequantize()), name
+            assert not torch.equal(layer.scale, source.get_submodule(name).scale), name  # DoRA moved the scales
+    with torch.no_grad():
+        written = back(ids).logits
+    assert float((written - trained).abs().max()) <= 1e-3 * float(trained.abs().max())
