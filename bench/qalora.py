@@ -5,6 +5,7 @@ what each ships as, how good that shipped model is, how many parameters it train
     .venv/bin/python bench/qalora.py --sweep             # learning rates at 4 bits, then the combinations
                                                          # and 3 and 2 bits at the best rates (~5 h, 2 cores)
     .venv/bin/python bench/qalora.py --setups qalora,constants --bits 3 --lrs 1e-3,3e-3
+    .venv/bin/python bench/qalora.py --setups lora,dora,qalora,qadora --seeds 0,1,2   # DoRA, three seeds
 
 Setups (all r=16 alpha=32 dropout 0.05 on the 7 projections, AdamW, warmup 10 then cosine, batch 8, clip 1.0):
   lora               LoRA, merged to 16-bit
@@ -14,6 +15,8 @@ Setups (all r=16 alpha=32 dropout 0.05 on the 7 projections, AdamW, warmup 10 th
   constants          QA-LoRA training each group's scale and offset only (rank 0), exact merge
   offsets            QA-LoRA training each group's offset only (rank 0), exact merge
   qalora+constants   QA-LoRA rank 16 and the groups' scales and offsets, exact merge
+  dora               LoRA with DoRA's magnitudes, merged to 16-bit
+  qadora             QA-LoRA with DoRA, exact merge (scales and offsets)
 For each: validation loss and BLEU / ROUGE-L (greedy, 24 held-out attribute sets) of the deployed model,
 trainable parameters, median step time, deployed weight size (16-bit tensors at 2 bytes). Every result is
 appended to <out>/results.jsonl as it comes (a sweep can be stopped and run again: finished runs are
@@ -42,6 +45,8 @@ SETUPS = {
     "constants": {"method": "qalora", "rank": 0, "train_constants": "both"},
     "offsets": {"method": "qalora", "rank": 0, "train_constants": "offset"},
     "qalora+constants": {"method": "qalora", "train_constants": "both"},
+    "dora": {"method": "lora", "dora": True},
+    "qadora": {"method": "qalora", "dora": True},
 }
 # each setup's default: what `loraq train` picks for it (BEST_LR); mean pooling keeps the rate it was measured at
 DEFAULT_LR = {name: default_lr(o["method"], o.get("rank", 16), o.get("train_constants", "none"))
@@ -99,9 +104,9 @@ class Bench:
         """The finished results of `setup` at `bits` and this bench's step count."""
         return [r for r in self.done() if r["setup"] == setup and r["bits"] == bits and r["steps"] == self.steps]
 
-    def has(self, setup: str, bits: int, lr: float) -> bool:
+    def has(self, setup: str, bits: int, lr: float, seed: int = 0) -> bool:
         return any(r["setup"] == setup and r["bits"] == bits and r["lr"] == lr and r["steps"] == self.steps
-                   for r in self.done())  # fmt: skip
+                   and r.get("seed", 0) == seed for r in self.done())  # fmt: skip
 
     def score(self, model: nn.Module, tokenizer) -> dict:
         from loraq.core.inject import dequantize_base
@@ -119,27 +124,27 @@ class Bench:
         gen = generation_scores(model, tokenizer, self.splits.test, max_inputs=self.bleu_inputs, max_new_tokens=48)
         return {"val_loss": loss, "bleu": gen.bleu, "rouge_l": gen.rouge_l, "weight_mb": size}
 
-    def run(self, setup: str, bits: int, lr: float) -> None:
+    def run(self, setup: str, bits: int, lr: float, seed: int = 0) -> None:
         import loraq
         from loraq.quant.schemes import scheme_named
 
-        if self.has(setup, bits, lr):
+        if self.has(setup, bits, lr, seed):
             return
-        name = f"{setup}-int{bits}-lr{lr:g}"
-        options = {**COMMON, **SETUPS[setup], "bits": bits, "lr": lr, "steps": self.steps}
+        name = f"{setup}-int{bits}-lr{lr:g}" + (f"-seed{seed}" if seed else "")
+        options = {**COMMON, **SETUPS[setup], "bits": bits, "lr": lr, "steps": self.steps, "seed": seed}
         config = loraq.TrainConfig(out=str(self.out / name), overwrite=True, **options)
         print(f"{name}: training {self.steps} steps", flush=True)
         result = loraq.train(config, progress=False)
         metrics = [json.loads(line) for line in (self.out / name / "metrics.jsonl").read_text().splitlines()]
         run = {
-            "setup": setup, "bits": bits, "lr": lr, "steps": self.steps,
+            "setup": setup, "bits": bits, "lr": lr, "steps": self.steps, "seed": seed,
             "trainable": loraq.parameter_summary(result.model).trainable,
             "step_s": statistics.median(r["tokens"] / r["tok_s"] for r in metrics if "tok_s" in r),
             "train_val_loss": result.val_loss_after,
         }  # fmt: skip
         merged = loraq.merge(copy.deepcopy(result.model))
         deployed = []
-        if setup == "lora":
+        if SETUPS[setup]["method"] == "lora":
             deployed.append(("16-bit", as_16bit(merged)))
         elif setup == "qlora":
             for k in (4, 3, 2) if bits == 4 else ():
@@ -174,10 +179,24 @@ def deployed_bits(row: dict) -> int | None:
     return int(label[3]) if label.startswith("INT") else None
 
 
-def best_rows(rows: list[dict]) -> list[dict]:
-    """Per (setup, deployed form): the row of the best learning rate by deployed validation loss."""
-    best: dict[tuple, dict] = {}
+def seed_means(rows: list[dict]) -> list[dict]:
+    """One row per (setup, deployed form, bits, lr): the scores averaged over its seeds (`seeds`: how many,
+    `val_loss_spread`: max - min of the validation loss)."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
+        groups.setdefault((r["setup"], r["deployed"], r["bits"], r["lr"]), []).append(r)
+    means = []
+    for runs in groups.values():
+        mean = {k: statistics.mean(r[k] for r in runs) for k in ("val_loss", "bleu", "rouge_l", "step_s")}
+        spread = max(r["val_loss"] for r in runs) - min(r["val_loss"] for r in runs)
+        means.append({**runs[0], **mean, "seeds": len(runs), "val_loss_spread": spread})
+    return means
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """Per (setup, deployed form): the row of the best learning rate by deployed validation loss (seed means)."""
+    best: dict[tuple, dict] = {}
+    for r in seed_means(rows):
         key = (r["setup"], r["deployed"])
         if key not in best or r["val_loss"] < best[key]["val_loss"]:
             best[key] = r
@@ -186,14 +205,16 @@ def best_rows(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict], steps: int) -> str:
     lines = [
-        f"Deployed models after {steps} steps (batch 8, r=16 alpha=32, seed 0); each setup at its best learning rate",
-        "| setup | deployed as | lr | val loss | BLEU | ROUGE-L | trainable | step (s) | weights (MiB) | lrs tried |",
+        f"Deployed models after {steps} steps (batch 8, r=16 alpha=32; means over seeds); each setup at its best lr",
+        "| setup | deployed as | lr | val loss (seeds, spread) | BLEU | ROUGE-L | trainable | step (s) | weights (MiB) "
+        "| lrs tried |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in best_rows(rows):
         tried = sorted({x["lr"] for x in rows if x["setup"] == r["setup"] and x["deployed"] == r["deployed"]})
         lines.append(
-            f"| {r['setup']} | {r['deployed']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['bleu']:.2f} | "
+            f"| {r['setup']} | {r['deployed']} | {r['lr']:g} | {r['val_loss']:.4f} ({r['seeds']}, "
+            f"{r['val_loss_spread']:.4f}) | {r['bleu']:.2f} | "
             f"{r['rouge_l']:.3f} | {r['trainable']:,} | {r['step_s']:.2f} | {r['weight_mb']:.1f} | "
             f"{', '.join(f'{x:g}' for x in tried)} |"
         )
@@ -208,6 +229,7 @@ def main() -> None:
     ap.add_argument("--setups", default=",".join(SETUPS), help="comma-separated, from: " + ", ".join(SETUPS))
     ap.add_argument("--bits", default="4", help="bit widths of the quantized setups, comma-separated")
     ap.add_argument("--lrs", default="", help="learning rates to run every setup at (default: each its own)")
+    ap.add_argument("--seeds", default="0", help="seeds to run every setup with, comma-separated")
     ap.add_argument("--sweep", action="store_true", help="the learning-rate grid at 4 bits, then 3 and 2 bits at "
                     "each quantized setup's best 4-bit rate")  # fmt: skip
     ap.add_argument("--table", action="store_true", help="only print the table of the results so far")
@@ -239,7 +261,8 @@ def main() -> None:
             widths = [int(b) for b in args.bits.split(",")] if SETUPS[setup]["method"] == "qalora" else [4]
             for bits in widths:
                 for lr in lrs or [DEFAULT_LR[setup]]:
-                    bench.run(setup, bits, lr)
+                    for seed in (int(x) for x in args.seeds.split(",")):
+                        bench.run(setup, bits, lr, seed)
     print(table([r for r in bench.done() if r["steps"] == args.steps], args.steps))
 
 

@@ -289,3 +289,33 @@ def test_a_truncated_file_names_the_tensor_past_its_end(tmp_path):
     (tmp_path / "t.gguf").write_bytes(data[:-50])
     with pytest.raises(LoraqError, match=r"t.gguf: not a readable GGUF file .*tensor blk.0.attn_q.weight's data ends"):
         GgufLayers(tmp_path / "t.gguf")
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_dora_magnitudes_alone_merge_into_every_types_block_scales(type_name):
+    """--dora --rank 0 on any GGUF type: each row's factor k = m / ||W0|| goes into the blocks' fp16 d (and
+    m / dmin); codes and sub-block scales untouched, the layer then computes what it trained to (fp16 rounding),
+    and unmerge gives the very bytes back."""
+    assert gguf_blocks.BLOCK_FACTORS[type_name] == tuple(FP16_FIELDS[type_name])
+    blocks = torch.from_numpy(random_blocks(type_name, 16, 512, seed=7))
+    layer = LoraLinear(GgufLinear(blocks.clone(), type_name, 512))
+    layer.add_adapter(LoraConfig(r=0, use_dora=True))
+    layer.set_active("default")
+    with torch.no_grad():
+        layer.adapters["default"].magnitude.mul_(1 + 0.1 * torch.randn(16, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        trained = layer(x)
+        q_before, _, _ = gguf_blocks.decode(layer.base.blocks, type_name)
+        assert layer.merges_in_format()
+        layer.merge()
+        merged = layer(x)
+    q_after, _, _ = gguf_blocks.decode(layer.base.blocks, type_name)
+    assert torch.equal(q_before, q_after) and not torch.equal(layer.base.blocks, blocks)
+    assert float((merged - trained).abs().max()) <= 1e-3 * float(trained.abs().max())
+    theirs = gguf_dequantize(
+        layer.base.blocks.numpy(), GGMLQuantizationType[type_name]
+    )  # the file as llama.cpp reads it
+    assert np.array_equal(theirs, layer.base.dequantize().numpy())
+    layer.unmerge()
+    assert torch.equal(layer.base.blocks, blocks)

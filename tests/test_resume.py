@@ -106,3 +106,18 @@ def test_schedules_and_report(tmp_path, tiny_model_dir):
     summary = json.loads((result.out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["tokens_seen"] > 0 and summary["best_val_loss"] is not None
     assert (result.out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dora_run_killed_and_resumed_gives_the_same_losses(tmp_path, tiny_model_dir):
+    """DoRA's magnitudes are checkpointed and restored with the adapter: bit-identical losses after a SIGKILL."""
+    extra = ("--method", "qalora", "--dora", "--steps", "12")
+    reference = cli(tmp_path, tiny_model_dir, tmp_path / "ref", *extra)
+    assert reference.wait() == 0, reference.communicate()
+    killed = tmp_path / "killed"
+    proc = cli(tmp_path, tiny_model_dir, killed, *extra)
+    wait_for(killed / "checkpoints" / "step-000006" / "trainer.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = cli(tmp_path, tiny_model_dir, killed, *extra, "--resume")
+    assert proc.wait() == 0, proc.communicate()
+    assert losses(killed) == losses(tmp_path / "ref") and len(losses(killed)) == 12

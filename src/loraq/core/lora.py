@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraqError
-from ..quant.frozen import FrozenQuantized, IntLinear
+from ..formats import gguf_blocks
+from ..quant.frozen import FrozenQuantized, GgufLinear, IntLinear
 from ..quant.schemes import Scheme, scheme_of
 from .config import LoraConfig
 from .layers import is_plain_linear, layer_shape, linear_weight
@@ -289,12 +290,15 @@ class LoraLinear(nn.Module):
         return self._scheme().merges_in_format(adapter.pool)
 
     def _dora_targets(self, adapter: LoraAdapter) -> tuple[str, ...] | None:
-        """The base tensors a DoRA merge rewrites: a full-precision weight, or an INT-k base's scale and offset
-        (the update pooled over its groups, or none at rank 0); None where the format cannot hold it exactly."""
+        """The base tensors a DoRA merge rewrites: a full-precision weight, an INT-k base's scale and offset (the
+        update pooled over its groups, or none at rank 0), or at rank 0 a GGUF layer's blocks (their fp16 scales);
+        None where the format cannot hold it exactly."""
         if is_plain_linear(self.base):
             return ("weight",)
         if isinstance(self.base, IntLinear) and (not adapter.r or adapter.pool == self.base.group_size):
             return ("scale", "offset")
+        if isinstance(self.base, GgufLinear) and not adapter.r:  # the row factor alone: every type's block scales
+            return ("blocks",)
         return None
 
     def _merge_dora(self, adapter: LoraAdapter) -> None:
@@ -312,6 +316,9 @@ class LoraLinear(nn.Module):
         if targets == ("weight",):
             stored = linear_weight(self.base)
             stored.copy_((k[:, None] * (weight + delta)).to(stored.dtype))
+            return
+        if targets == ("blocks",):
+            self.base.blocks.copy_(gguf_blocks.scale_rows(self.base.blocks, self.base.type_name, k))
             return
         base: IntLinear = self.base
         group_delta = adapter.group_delta().to(weight.device) if adapter.r else 0.0

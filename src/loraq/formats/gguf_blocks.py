@@ -247,3 +247,24 @@ def set_offsets(blocks: torch.Tensor, type_name: str, b: torch.Tensor) -> torch.
     else:
         raise ValueError(f"{type_name} stores no offsets")
     return x.reshape(rows, -1)
+
+
+# Where each type keeps the fp16 factors every weight of its block is a multiple of: d, and the K-quants' dmin
+# (a weight is d·(code·scale) + (m or -dmin·min)), as byte offsets in the block.
+BLOCK_FACTORS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}  # fmt: skip
+
+
+def scale_rows(blocks: torch.Tensor, type_name: str, k: torch.Tensor) -> torch.Tensor:
+    """New blocks (rows, row_bytes) whose every weight of row o is k[o] times the old one: each block's fp16
+    d (and m or dmin) multiplied by k[o] (computed in fp32, stored fp16), codes and sub-block scales untouched.
+    Exact up to the fp16 rounding of the products: how DoRA's row factor alone folds into any type."""
+    t = TYPES[type_name]
+    x = blocks.reshape(blocks.shape[0], -1, t.nbytes).clone()
+    factor = k.float().to(x.device).view(-1, 1)
+    for at in BLOCK_FACTORS[type_name]:
+        value = x[:, :, at : at + 2].contiguous().view(torch.float16).squeeze(-1).float()
+        x[:, :, at : at + 2] = (value * factor).half().unsqueeze(-1).view(torch.uint8)
+    return x.reshape(blocks.shape)
