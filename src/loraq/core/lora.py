@@ -17,8 +17,8 @@ also train the base's group constants themselves (`LoraAdapter.gamma`, `.delta`)
 DoRA (`use_dora`, PEFT's definition): each output row o of the adapted weight is rescaled to a trained
 magnitude m_o, W'[o] = k_o·(W0 + ΔW)[o] with k_o = m_o / ||(W0 + ΔW)[o]||, the norm detached in backward; m
 starts at the row norms, so a fresh DoRA adapter changes nothing. The norm is computed each step without forming
-W0 + ΔW: ||W0[o]||² is fixed (the base is frozen), and the two other terms need W0·Aᵀ (r rows, computed by the
-base in the same call as the layer's input: one dequantization) and B·(A·Aᵀ)·Bᵀ. In an INT-k base a pooled
+W0 + ΔW: ||W0[o]||² is fixed (the base is frozen), and the two other terms need A·W0ᵀ (r rows, multiplied by the
+weight the base dequantizes for the layer's input anyway) and B·(A·Aᵀ)·Bᵀ. In an INT-k base a pooled
 update with DoRA stays exactly representable: scale' = k·scale, offset' = k·(offset + Δ), codes unchanged.
 
 Which adapters merge exactly into which base, and how, is the base's scheme's answer (quant/schemes/).
@@ -212,18 +212,13 @@ class LoraLinear(nn.Module):
 
     def _dora_forward(self, x: torch.Tensor, adapter: LoraAdapter, out_dtype: torch.dtype) -> torch.Tensor:
         """PEFT's DoRA: y = W0·x + b + (k - 1)·W0·x_d + k·s·B·A·x_d, x_d the dropped-out input (x itself without
-        dropout: then y = k·(W0·x + s·B·A·x) + b). The base multiplies x_d and the expanded A in one call."""
+        dropout: then y = k·(W0·x + s·B·A·x) + b). A quantized base gives A·W0ᵀ from the same dequantization."""
         no_dropout = isinstance(adapter.dropout, nn.Identity) or not self.training
         dropped = x if no_dropout else adapter.dropout(x)
         bias = getattr(self.base, "bias", None)
-        shape = (*x.shape[:-1], self.out_features)
         w0_a = None
         if adapter.r:
-            flat = dropped.reshape(-1, x.shape[-1])
-            both = self.base(torch.cat([flat, adapter.expanded_A().to(device=x.device, dtype=flat.dtype)]))
-            base_d, w0_a = both[: flat.shape[0]].reshape(shape), both[flat.shape[0] :]
-            if bias is not None:
-                w0_a = w0_a - bias.to(w0_a.dtype)
+            base_d, w0_a = self._base_and_rows(dropped, adapter.expanded_A().to(x.device))
         else:
             base_d = self.base(dropped)
         base_d = base_d.to(out_dtype)
@@ -234,6 +229,13 @@ class LoraLinear(nn.Module):
             return k * (no_bias + update) + (0.0 if bias is None else bias.to(out_dtype))
         y = self.base(x).to(out_dtype)
         return y + (k - 1) * no_bias + k * update
+
+    def _base_and_rows(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base(x), rows·W0ᵀ): a quantized base dequantizes once for both."""
+        if isinstance(self.base, FrozenQuantized):
+            return self.base.forward_with_rows(x, rows)
+        weight = linear_weight(self.base).detach()
+        return self.base(x), F.linear(rows.to(weight.dtype), weight)
 
     def _written_weight(self, adapter: LoraAdapter) -> torch.Tensor | None:
         scheme = self._scheme()

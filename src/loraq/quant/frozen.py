@@ -60,16 +60,22 @@ def _out_buffer(workspace: Workspace | None, numel: int, dtype: torch.dtype, dev
 
 class _FrozenMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: FrozenQuantized) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: FrozenQuantized, rows: torch.Tensor | None = None):
         ctx.layer = layer
         kernels = _kernels_for(x) if layer.has_kernels else None
-        if kernels is not None and x.numel() <= kernels.GEMV_MAX_ROWS * layer.in_features:
+        if rows is None and kernels is not None and x.numel() <= kernels.GEMV_MAX_ROWS * layer.in_features:
             return kernels.gemv(x, layer)  # decoding: never writes the weight
-        return F.linear(x, layer.dequantize(x.dtype, layer.workspace))
+        weight = layer.dequantize(x.dtype, layer.workspace)
+        if rows is None:
+            return F.linear(x, weight)
+        # (DoRA's row norms need rows·Wᵀ for a few constant rows: from the same dequantized weight, no gradient)
+        extra = F.linear(rows.to(x.dtype), weight)
+        ctx.mark_non_differentiable(extra)
+        return F.linear(x, weight), extra
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.layer.dequantize(grad.dtype, ctx.layer.workspace), None
+    def backward(ctx, grad: torch.Tensor, *_):
+        return grad @ ctx.layer.dequantize(grad.dtype, ctx.layer.workspace), None, None
 
 
 class _ConstantsMatmul(torch.autograd.Function):
@@ -132,6 +138,14 @@ class FrozenQuantized(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y.to(x.dtype)
+
+    def forward_with_rows(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(x), rows·Wᵀ without bias or gradient), the weight dequantized once for both."""
+        dtype = matmul_dtype(x)
+        y, extra = _FrozenMatmul.apply(x.to(dtype), self, rows)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype), extra
 
     def quantized_tensors(self) -> dict[str, torch.Tensor]:
         """The codes and constants by name (the bias, a plain weight, is not among them)."""
