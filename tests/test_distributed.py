@@ -205,3 +205,30 @@ def test_two_gpus_train_what_one_does(tmp_path, offload):
     two = worker_run(tmp_path / "two", "qlora", 2, **cuda)
     # bf16 autocast: sums in another order round apart, so losses to 1e-2 and no element-wise adapter check
     assert_same_run(one / "run", two / "run", rel=1e-2, adapters=False)
+
+
+def test_threads_per_process_share_the_cores_under_torchrun(monkeypatch):
+    """torchrun gives each process OMP_NUM_THREADS=1 unless the user set it: loraq shares the machine's cores
+    among its processes instead (a CPU run), keeps a user's own OMP_NUM_THREADS, and --threads wins."""
+    from loraq.product.distributed import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's default
+        assert "8 threads per process (16 cores / 2 processes" in set_threads(0, "cpu")
+        assert torch.get_num_threads() == 8
+        assert set_threads(0, "cuda") is None  # a GPU run computes there
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's
+        assert set_threads(0, "cpu") is None
+        assert set_threads(5, "cpu") == "5 threads per process (--threads)" and torch.get_num_threads() == 5
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert set_threads(0, "cpu") is None  # one process: torch's own default
+    finally:
+        torch.set_num_threads(before)
+    from loraq import LoraqError, TrainConfig
+
+    with pytest.raises(LoraqError, match="--threads must be an integer >= 0"):
+        TrainConfig(threads=-1)

@@ -43,6 +43,23 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def set_threads(requested: int, device_type: str) -> str | None:
+    """This process's intra-op (OpenMP) threads: `requested` where > 0; else, under torchrun on a CPU run, the
+    machine's cores shared among its processes. torchrun sets OMP_NUM_THREADS=1 for its processes when it is
+    unset, so two processes on 16 cores would use 2 of them; an OMP_NUM_THREADS other than 1 is the user's and
+    is kept. Returns the line to log (None: nothing chosen here)."""
+    if requested > 0:
+        torch.set_num_threads(requested)
+        return f"{requested} threads per process (--threads)"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if device_type != "cpu" or local <= 1 or os.environ.get("OMP_NUM_THREADS", "1") != "1":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // local)
+    torch.set_num_threads(threads)
+    return f"{threads} threads per process ({cores} cores / {local} processes on this machine; --threads to choose)"
+
+
 def check_world(batch_size: int, world: int, cpu_offload: bool, device: str = "cuda") -> None:
     """Refuse options that cannot run on `world` processes, naming them.
 

@@ -45,6 +45,7 @@ from .distributed import (
     init_distributed,
     is_dtensor,
     set_gradient_sync,
+    set_threads,
     shard_model,
     sum_over_ranks,
 )
@@ -78,7 +79,7 @@ class TrainResult:
 # run folder moved or copied elsewhere resumes there).
 RESUMABLE_CHANGES = {
     "resume", "overwrite", "save_every", "eval_every", "eval_batch_size", "cpu_offload", "offload_activations",
-    "mmap_threshold_mb", "out",
+    "mmap_threshold_mb", "threads", "out",
 }  # fmt: skip
 
 
@@ -135,6 +136,9 @@ def _train(config: TrainConfig, model: nn.Module | None, tokenizer, progress: bo
     writer = rank == 0  # with several processes only rank 0 writes the run folder
     device, dtype = resolve_device(config, rank, world)
     check_world(config.batch_size, world, config.cpu_offload, device.type)
+    threads = set_threads(config.threads, device.type)
+    if threads and writer:
+        print(f"loraq: {threads}", file=sys.stderr)
     if config.offload_activations and device.type != "cuda":
         raise LoraqError("--offload-activations moves saved activations from a GPU to host memory; this runs on a CPU")
     check_run_folder(run, config)  # (after every check of the options: --overwrite clears old checkpoints)

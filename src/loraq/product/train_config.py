@@ -102,6 +102,9 @@ class TrainConfig:
         "host memory: allocations of at least this many MiB get pages of their own, returned when freed (glibc; "
         "0: the default). 4 cuts a 7B CPU step's peak by a quarter at a few percent of its time",
     )
+    threads: int = _opt(
+        0, "CPU threads per process (0: torch's default; under torchrun the cores shared among the processes)"
+    )
     device: str = _opt("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     cpu_offload: bool = _opt(
         False, "under torchrun: keep each process's shard of the model in host memory (FSDP2 CPU offload)"
@@ -168,6 +171,7 @@ class TrainConfig:
             isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
+        check(is_int(self.threads) and self.threads >= 0, f"--threads must be an integer >= 0, got {self.threads!r}")
         check(
             is_int(self.mmap_threshold_mb) and 0 <= self.mmap_threshold_mb <= 32,
             f"--mmap-threshold-mb must be an integer from 0 to 32 (MiB), got {self.mmap_threshold_mb!r}",
