@@ -108,9 +108,9 @@ def write_data(work: Path) -> tuple[Path, Path]:
     return work / "train.jsonl", work / "val.jsonl"
 
 
-def run_loraq(method: str, folder: Path, steps: int, work: Path, mmap_mb: int) -> dict:
+def run_loraq(method: str, folder: Path, steps: int, work: Path, data: tuple[Path, Path], mmap_mb: int) -> dict:
     out = work / f"run-{method}"
-    train, val = write_data(work)
+    train, val = data
     cmd = [str(ROOT / ".venv/bin/loraq"), "train", "--model", str(folder), "--method", method, "--steps", str(steps),
            "--data", str(train), "--val-data", str(val), "--batch-size", "1", "--max-length", "512",
            "--grad-checkpoint", "--warmup-steps", "1", "--rank", "16", "--mmap-threshold-mb", str(mmap_mb),
@@ -207,13 +207,13 @@ def main() -> None:
     write_model(folder)
     work = folder.parent / "runs"
     work.mkdir(exist_ok=True)
-    write_data(work)
+    data = write_data(work)  # (the PEFT worker reads the first training record too)
     results = {"cores": os.cpu_count(), "steps": args.steps, "setups": {}}
     for setup in args.setups.split(","):
         print(f"{setup} ...", flush=True)
         if setup.startswith("loraq-"):  # loraq-METHOD[-mmapN]: --mmap-threshold-mb N
             method, _, mmap = setup.removeprefix("loraq-").partition("-mmap")
-            result = run_loraq(method, folder, args.steps, work, int(mmap or 0))
+            result = run_loraq(method, folder, args.steps, work, data, int(mmap or 0))
             result["plan_mb"] = round(plan_for(method, folder, 512) / MB)
         else:
             result = run_peft(folder, args.steps)

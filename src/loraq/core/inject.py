@@ -252,9 +252,8 @@ def _merged_linear(layer: LoraLinear) -> nn.Linear:
     base = layer.base
     adapter = layer.adapters[layer.active]
     weight = scheme_of(base).dequantize(base)
+    factor = adapter.dora_factor(weight)[:, None] if adapter.dora else None  # W' = k·(W0 + ΔW), row by row
     weight += adapter.delta_weight().to(weight.device)
-    if adapter.dora:  # W' = m / ||W0 + ΔW|| · (W0 + ΔW), row by row
-        weight *= (adapter.magnitude.detach().float().to(weight.device) / torch.linalg.vector_norm(weight, dim=1))[
-            :, None
-        ]
+    if factor is not None:
+        weight *= factor
     return plain_linear(weight, base.bias, getattr(base, "weight_dtype", torch.float32))

@@ -112,6 +112,14 @@ class LoraAdapter(nn.Module):
             norm_sq = norm_sq + 2 * self.scaling * cross + self.scaling**2 * own
         return norm_sq.clamp(min=0).sqrt()
 
+    def adapted_norms(self, w0: torch.Tensor) -> torch.Tensor:
+        """||(W0 + ΔW)[o]|| per output row, fp32, from the base's weight `w0` (out, in) as it computes with it."""
+        return torch.linalg.vector_norm(w0.float() + self.delta_weight().to(w0.device), dim=1)
+
+    def dora_factor(self, w0: torch.Tensor) -> torch.Tensor:
+        """k = m / ||(W0 + ΔW)[o]|| per output row: what a merge multiplies each row of W0 + ΔW by."""
+        return self.magnitude.detach().float().to(w0.device) / self.adapted_norms(w0)
+
     def group_delta(self) -> torch.Tensor:
         """s·(B·A)·pool_scale in float32, shape (out, in / pool): the weight change of each group's columns."""
         return (self.B.float() @ self.A.float()) * (self.scaling * self.pool_scale)
@@ -178,7 +186,7 @@ class LoraLinear(nn.Module):
             )
         weight = scheme.dequantize(self.base).float()
         adapter.base_norm_sq.copy_(weight.pow(2).sum(dim=1))
-        adapter.magnitude.copy_(torch.linalg.vector_norm(weight + adapter.delta_weight().to(weight.device), dim=1))
+        adapter.magnitude.copy_(adapter.adapted_norms(weight))
 
     def set_active(self, name: str) -> None:
         if name not in self.adapters:
@@ -312,12 +320,11 @@ class LoraLinear(nn.Module):
             where = self._scheme().describe()
             raise LoraqError(f"a DoRA adapter cannot be merged exactly into a {where} base; use loraq.merge(model)")
         weight = self._scheme().dequantize(self.base).float()
-        delta = adapter.delta_weight().to(weight.device)
-        k = adapter.magnitude.detach().float().to(weight.device) / torch.linalg.vector_norm(weight + delta, dim=1)
+        k = adapter.dora_factor(weight)
         self._dora_kept = {name: getattr(self.base, name).detach().clone() for name in targets}
         if targets == ("weight",):
             stored = linear_weight(self.base)
-            stored.copy_((k[:, None] * (weight + delta)).to(stored.dtype))
+            stored.copy_((k[:, None] * (weight + adapter.delta_weight().to(weight.device))).to(stored.dtype))
             return
         if targets == ("blocks",):
             self.base.blocks.copy_(gguf_blocks.scale_rows(self.base.blocks, self.base.type_name, k))

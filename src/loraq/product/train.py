@@ -373,7 +373,7 @@ def _forward_backward(state: StepState, micro: list[dict], step: int) -> float:
 
 def _offloading(state: StepState) -> contextlib.AbstractContextManager:
     """--offload-activations: the block inputs checkpointing keeps go to host memory until backward (offload.py)."""
-    if state.config.offload_activations and state.device.type == "cuda":
+    if state.config.offload_activations:  # (refused before loading on anything but a GPU)
         return offload_saved(state.model)
     return contextlib.nullcontext()
 
