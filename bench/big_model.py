@@ -108,13 +108,15 @@ def write_data(work: Path) -> tuple[Path, Path]:
     return work / "train.jsonl", work / "val.jsonl"
 
 
-def run_loraq(method: str, folder: Path, steps: int, work: Path, data: tuple[Path, Path], mmap_mb: int) -> dict:
+def run_loraq(
+    method: str, folder: Path, steps: int, work: Path, data: tuple[Path, Path], mmap_mb: int, dtype: str
+) -> dict:
     out = work / f"run-{method}"
     train, val = data
     cmd = [str(ROOT / ".venv/bin/loraq"), "train", "--model", str(folder), "--method", method, "--steps", str(steps),
            "--data", str(train), "--val-data", str(val), "--batch-size", "1", "--max-length", "512",
            "--grad-checkpoint", "--warmup-steps", "1", "--rank", "16", "--mmap-threshold-mb", str(mmap_mb),
-           "--out", str(out), "--overwrite"]  # fmt: skip
+           "--compute-dtype", dtype, "--out", str(out), "--overwrite"]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -133,8 +135,9 @@ def run_loraq(method: str, folder: Path, steps: int, work: Path, data: tuple[Pat
     }
 
 
-def peft_worker(folder: Path, steps: int) -> dict:
-    """PEFT + bitsandbytes on the same files: NF4, double quantization, fp32 compute, r=16 on 7 projections."""
+def peft_worker(folder: Path, steps: int, dtype: str) -> dict:
+    """PEFT + bitsandbytes on the same files: NF4, double quantization, fp32 compute (or bf16: the model's other
+    weights loaded in bf16 and bitsandbytes computing in bf16, as its users run it), r=16 on 7 projections."""
     import resource
 
     import torch
@@ -145,10 +148,11 @@ def peft_worker(folder: Path, steps: int) -> dict:
 
     with HostMemory() as host:
         start = time.perf_counter()
+        compute = torch.bfloat16 if dtype == "bf16" else torch.float32
         quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+                                       bnb_4bit_compute_dtype=compute)  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, quantization_config=quantized, device_map="cpu"
+            folder, dtype=compute, quantization_config=quantized, device_map="cpu"
         )
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS))
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -176,8 +180,8 @@ def peft_worker(folder: Path, steps: int) -> dict:
     }
 
 
-def run_peft(folder: Path, steps: int) -> dict:
-    cmd = [sys.executable, str(HERE), "--worker", "--folder", str(folder), "--steps", str(steps)]
+def run_peft(folder: Path, steps: int, dtype: str) -> dict:
+    cmd = [sys.executable, str(HERE), "--worker", "--folder", str(folder), "--steps", str(steps), "--dtype", dtype]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -198,10 +202,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--folder", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench/results/big_model.json"))
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(peft_worker(Path(args.folder), args.steps)), flush=True)
+        print(json.dumps(peft_worker(Path(args.folder), args.steps, args.dtype)), flush=True)
         return
     folder = model_folder()
     write_model(folder)
@@ -211,12 +216,14 @@ def main() -> None:
     results = {"cores": os.cpu_count(), "steps": args.steps, "setups": {}}
     for setup in args.setups.split(","):
         print(f"{setup} ...", flush=True)
-        if setup.startswith("loraq-"):  # loraq-METHOD[-mmapN]: --mmap-threshold-mb N
-            method, _, mmap = setup.removeprefix("loraq-").partition("-mmap")
-            result = run_loraq(method, folder, args.steps, work, data, int(mmap or 0))
+        name, bf16, _ = setup.partition("-bf16")  # ...-bf16: bf16 compute (autocast on loraq's side)
+        dtype = "bf16" if bf16 else "fp32"
+        if name.startswith("loraq-"):  # loraq-METHOD[-mmapN]: --mmap-threshold-mb N
+            method, _, mmap = name.removeprefix("loraq-").partition("-mmap")
+            result = run_loraq(method, folder, args.steps, work, data, int(mmap or 0), dtype)
             result["plan_mb"] = round(plan_for(method, folder, 512) / MB)
         else:
-            result = run_peft(folder, args.steps)
+            result = run_peft(folder, args.steps, dtype)
         results["setups"][setup] = result
         print(f"  {json.dumps(result)}", flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

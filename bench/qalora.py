@@ -6,8 +6,10 @@ what each ships as, how good that shipped model is, how many parameters it train
                                                          # and 3 and 2 bits at the best rates (~5 h, 2 cores)
     .venv/bin/python bench/qalora.py --setups qalora,constants --bits 3 --lrs 1e-3,3e-3
     .venv/bin/python bench/qalora.py --setups lora,dora,qalora,qadora --seeds 0,1,2   # DoRA, three seeds
+    .venv/bin/python bench/qalora.py --setups qlora,qalora --compute-dtype bf16          # bf16 autocast on a CPU
 
-Setups (all r=16 alpha=32 dropout 0.05 on the 7 projections, AdamW, warmup 10 then cosine, batch 8, clip 1.0):
+Setups (all r=16 alpha=2r dropout 0.05 on the 7 projections (--rank to change), AdamW, warmup 10 then cosine,
+batch 8, clip 1.0):
   lora               LoRA, merged to 16-bit
   qlora              QLoRA, merged to 16-bit, and merged then re-quantized to INT-k g32 RTN (the usual 4-bit path)
   qalora             QA-LoRA, sum pooling, INT-k g32 (the GGUF's own codes at 4 bits), exact merge
@@ -87,18 +89,22 @@ def as_16bit(model: nn.Module) -> nn.Module:
 
 
 class Bench:
-    def __init__(self, out: Path, steps: int, bleu_inputs: int):
+    def __init__(self, out: Path, steps: int, bleu_inputs: int, rank: int = 16, compute_dtype: str = "fp32"):
         from loraq.product.data import load_examples, split_by_group
 
         self.out, self.steps, self.bleu_inputs = out, steps, bleu_inputs
+        self.rank, self.compute_dtype = rank, compute_dtype
         self.splits = split_by_group(load_examples("e2e"))
         self.results = out / "results.jsonl"
         self.val_items = None
 
     def done(self) -> list[dict]:
+        """The finished results at this bench's rank and compute dtype (older rows: r=16, fp32)."""
         if not self.results.is_file():
             return []
-        return [json.loads(line) for line in self.results.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in self.results.read_text().splitlines() if line.strip()]
+        mine = (self.rank, self.compute_dtype)
+        return [r for r in rows if (r.get("rank", 16), r.get("compute_dtype", "fp32")) == mine]
 
     def rows(self, setup: str, bits: int) -> list[dict]:
         """The finished results of `setup` at `bits` and this bench's step count."""
@@ -131,13 +137,19 @@ class Bench:
         if self.has(setup, bits, lr, seed):
             return
         name = f"{setup}-int{bits}-lr{lr:g}" + (f"-seed{seed}" if seed else "")
+        name += f"-r{self.rank}" if self.rank != 16 else ""
+        name += f"-{self.compute_dtype}" if self.compute_dtype != "fp32" else ""
         options = {**COMMON, **SETUPS[setup], "bits": bits, "lr": lr, "steps": self.steps, "seed": seed}
+        if options["rank"]:
+            options.update(rank=self.rank, alpha=2.0 * self.rank)
+        options["compute_dtype"] = self.compute_dtype
         config = loraq.TrainConfig(out=str(self.out / name), overwrite=True, **options)
         print(f"{name}: training {self.steps} steps", flush=True)
         result = loraq.train(config, progress=False)
         metrics = [json.loads(line) for line in (self.out / name / "metrics.jsonl").read_text().splitlines()]
         run = {
-            "setup": setup, "bits": bits, "lr": lr, "steps": self.steps, "seed": seed,
+            "setup": setup, "bits": bits, "lr": lr, "steps": self.steps, "seed": seed, "rank": self.rank,
+            "compute_dtype": self.compute_dtype,
             "trainable": loraq.parameter_summary(result.model).trainable,
             "step_s": statistics.median(r["tokens"] / r["tok_s"] for r in metrics if "tok_s" in r),
             "train_val_loss": result.val_loss_after,
@@ -203,9 +215,10 @@ def best_rows(rows: list[dict]) -> list[dict]:
     return sorted(best.values(), key=lambda r: (-(deployed_bits(r) or 16), r["val_loss"]))
 
 
-def table(rows: list[dict], steps: int) -> str:
+def table(rows: list[dict], steps: int, rank: int = 16, compute_dtype: str = "fp32") -> str:
     lines = [
-        f"Deployed models after {steps} steps (batch 8, r=16 alpha=32; means over seeds); each setup at its best lr",
+        f"Deployed models after {steps} steps (batch 8, r={rank} alpha={2 * rank}, {compute_dtype}; means over "
+        "seeds); each setup at its best lr",
         "| setup | deployed as | lr | val loss (seeds, spread) | BLEU | ROUGE-L | trainable | step (s) | weights (MiB) "
         "| lrs tried |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -230,13 +243,15 @@ def main() -> None:
     ap.add_argument("--bits", default="4", help="bit widths of the quantized setups, comma-separated")
     ap.add_argument("--lrs", default="", help="learning rates to run every setup at (default: each its own)")
     ap.add_argument("--seeds", default="0", help="seeds to run every setup with, comma-separated")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank) of the setups with one")
+    ap.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16"), help="the runs' --compute-dtype")
     ap.add_argument("--sweep", action="store_true", help="the learning-rate grid at 4 bits, then 3 and 2 bits at "
                     "each quantized setup's best 4-bit rate")  # fmt: skip
     ap.add_argument("--table", action="store_true", help="only print the table of the results so far")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(out, args.steps, args.bleu_inputs)
+    bench = Bench(out, args.steps, args.bleu_inputs, args.rank, args.compute_dtype)
     setups = args.setups.split(",")
     unknown = set(setups) - set(SETUPS)
     if unknown:
@@ -263,7 +278,7 @@ def main() -> None:
                 for lr in lrs or [DEFAULT_LR[setup]]:
                     for seed in (int(x) for x in args.seeds.split(",")):
                         bench.run(setup, bits, lr, seed)
-    print(table([r for r in bench.done() if r["steps"] == args.steps], args.steps))
+    print(table([r for r in bench.done() if r["steps"] == args.steps], args.steps, args.rank, args.compute_dtype))
 
 
 if __name__ == "__main__":

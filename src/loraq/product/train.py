@@ -164,7 +164,7 @@ def _train(config: TrainConfig, model: nn.Module | None, tokenizer, progress: bo
             model, data.val, config.eval_batch_size, tokenizer.pad_token_id, device, dtype, rank=rank, world=world
         )
 
-    with workspace.attached(model), _StopOnSigint() as stop:
+    with workspace.attached(model, _checkpointed_blocks(model)), _StopOnSigint() as stop:
         first, val_before = _restore_or_start(state, run, batches, log, validate, bool(data.val))
         val_after, losses, stopped_at = val_before, [], None
         model.train()
@@ -286,6 +286,12 @@ def _grad_checkpointing(model: nn.Module, config: TrainConfig) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks transformers' gradient checkpointing recomputes (none where it is off)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return [block for blocks in lists for block in blocks if getattr(block, "gradient_checkpointing", False)]
 
 
 def frozen_to(model: nn.Module, dtype: torch.dtype) -> None:

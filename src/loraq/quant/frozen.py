@@ -55,7 +55,7 @@ def _kernels_for(t: torch.Tensor):
 
 
 def _out_buffer(workspace: Workspace | None, numel: int, dtype: torch.dtype, device) -> torch.Tensor | None:
-    return workspace.get("dequantize.out", numel, dtype, device) if workspace is not None else None
+    return workspace.get(workspace.output, numel, dtype, device) if workspace is not None else None
 
 
 class _FrozenMatmul(torch.autograd.Function):
@@ -65,7 +65,17 @@ class _FrozenMatmul(torch.autograd.Function):
         kernels = _kernels_for(x) if layer.has_kernels else None
         if rows is None and kernels is not None and x.numel() <= kernels.GEMV_MAX_ROWS * layer.in_features:
             return kernels.gemv(x, layer)  # decoding: never writes the weight
-        weight = layer.dequantize(x.dtype, layer.workspace)
+        workspace = layer.workspace
+        # Inside a checkpointed block (`attached(..., checkpointed=...)`) the weight goes to the buffer of the
+        # layer's place in the block and is saved for backward: checkpointing drops it after the forward, and
+        # the recompute saves it again, so the backward multiplies by the recompute's weight instead of
+        # dequantizing a third time. One block's weights are kept, a block at a time.
+        ctx.shared = workspace is not None and layer.checkpoint_slot is not None and ctx.needs_input_grad[0]
+        if ctx.shared:
+            workspace = workspace.writing_to(f"checkpointed.{layer.checkpoint_slot}")
+        weight = layer.dequantize(x.dtype, workspace)
+        if ctx.shared:
+            ctx.save_for_backward(weight)
         if rows is None:
             return F.linear(x, weight)
         # (DoRA's row norms need rows·Wᵀ for a few constant rows: from the same dequantized weight, no gradient)
@@ -75,7 +85,9 @@ class _FrozenMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *_):
-        return grad @ ctx.layer.dequantize(grad.dtype, ctx.layer.workspace), None, None
+        layer = ctx.layer
+        weight = ctx.saved_tensors[0] if ctx.shared else layer.dequantize(grad.dtype, layer.workspace)
+        return grad @ weight.to(grad.dtype), None, None
 
 
 class _ConstantsMatmul(torch.autograd.Function):
@@ -126,6 +138,7 @@ class FrozenQuantized(nn.Module):
     out_features: int
     bias: nn.Parameter | None
     workspace: Workspace | None
+    checkpoint_slot: int | None = None  # the layer's place in its checkpointed block (see _FrozenMatmul)
     has_kernels = False  # whether quant/kernels.py computes this layer on CUDA
 
     def dequantize(self, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None) -> torch.Tensor:

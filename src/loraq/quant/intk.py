@@ -16,7 +16,7 @@ from functools import cache
 
 import torch
 
-from .workspace import Workspace, cast, lookup, word_table
+from .workspace import PIECE, Workspace, decoded, lookup, word_table
 
 BITS = (2, 3, 4, 8)
 
@@ -88,20 +88,32 @@ def dequantize_packed(
 ) -> torch.Tensor:
     """`dequantize_int(unpack_codes(packed), scale, offset)` without materialising the codes: at 2, 4 and
     8 bits the packed bytes index a table of code values directly (two bytes at a time at 4 bits).
-    With a `workspace` (frozen matmuls only) the result is a view of one of its buffers."""
+    With a `workspace` (frozen matmuls only) the result is a view of its output buffer."""
     out_features, groups = scale.shape
-    numel = packed.numel() * 8 // bits
-    group_size = numel // (out_features * groups)
-    device = packed.device
-    if bits in (2, 4):
-        values = lookup(packed, _code_table(bits, 1, device), _code_table(bits, 2, device), workspace)
-    elif bits == 8:
-        values = packed.reshape(-1).float()
-    else:
-        values = unpack_codes(packed, bits, numel).float()
-    w = values[: out_features * groups * group_size].view(out_features, groups, group_size)
-    w.mul_(scale.float().unsqueeze(2)).add_(offset.float().unsqueeze(2))  # separate ops: as llama.cpp, no FMA
-    return cast(w.view(out_features, groups * group_size), dtype, workspace)
+    group_size = packed.numel() * 8 // bits // (out_features * groups)
+    in_features, device = groups * group_size, packed.device
+    by_rows = packed.dim() == 2  # rows first (pack_rows): a row is whole bytes, so rows decode apart
+
+    def decode(start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        first, last = start // in_features, stop // in_features  # (whole rows: start and stop fall on rows)
+        rows = packed[first:last] if by_rows else packed
+        if bits in (2, 4):
+            values = lookup(rows, _code_table(bits, 1, device), _code_table(bits, 2, device), workspace, buffer)
+        elif buffer is not None:
+            codes = rows.reshape(-1) if bits == 8 else unpack_codes(rows, bits, stop - start)
+            values = buffer[: codes.numel()].copy_(codes)
+        else:
+            values = (rows.reshape(-1) if bits == 8 else unpack_codes(rows, bits, stop - start)).float()
+        w = values[: stop - start].view(last - first, groups, group_size)
+        # separate ops: as llama.cpp, no FMA
+        w.mul_(scale[first:last].float().unsqueeze(2)).add_(offset[first:last].float().unsqueeze(2))
+        return w.view(-1)
+
+    numel = out_features * in_features
+    if workspace is None:
+        return decode(0, numel).view(out_features, in_features).to(dtype)
+    step = max(1, PIECE // in_features) * in_features if by_rows else numel
+    return decoded(workspace, numel, dtype, device, step, decode).view(out_features, in_features)
 
 
 @cache

@@ -18,7 +18,7 @@ from functools import cache
 
 import torch
 
-from .workspace import Workspace, cast, lookup, word_table
+from .workspace import PIECE, Workspace, decoded, lookup, word_table
 
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -157,18 +157,27 @@ def dequantize_4bit(
     """Unpack and rescale 4-bit codes to a tensor of `state.shape` (in `dtype`, default the original's).
 
     Computed in fp32 (code value times block absmax), then cast once. A fresh tensor each call, unless a
-    `workspace` is given (frozen matmuls only): then a view of one of its buffers.
+    `workspace` is given (frozen matmuls only): then a view of its output buffer.
     """
-    n = state.numel
-    device = packed.device
-    pairs = _byte_pairs(state.quant_type, device)
-    values = lookup(packed, pairs, _word_table(state.quant_type, device), workspace)[:n]
+    n, dtype, device = state.numel, dtype or state.dtype, packed.device
+    pairs, words = _byte_pairs(state.quant_type, device), _word_table(state.quant_type, device)
     absmax = state.block_absmax(workspace).to(device)
-    full = n - n % state.blocksize
-    values[:full].view(-1, state.blocksize).mul_(absmax[: full // state.blocksize].unsqueeze(1))
-    if full < n:
-        values[full:].mul_(absmax[-1])
-    return cast(values.view(state.shape), dtype or state.dtype, workspace)
+    flat, blocksize = packed.reshape(-1), state.blocksize
+
+    def decode(start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        # start is a multiple of the block size (and so even): its code is a byte's high nibble
+        values = lookup(flat[start // 2 : (stop + 1) // 2], pairs, words, workspace, buffer)[: stop - start]
+        full = (stop - start) - (stop - start) % blocksize
+        first = start // blocksize
+        values[:full].view(-1, blocksize).mul_(absmax[first : first + full // blocksize].unsqueeze(1))
+        if full < stop - start:
+            values[full:].mul_(absmax[first + full // blocksize])
+        return values
+
+    if workspace is None:
+        return decode(0, n).view(state.shape).to(dtype)
+    step = max(1, PIECE // blocksize) * blocksize
+    return decoded(workspace, n, dtype, device, step, decode).view(state.shape)
 
 
 @cache
