@@ -190,10 +190,13 @@ def run_peft(folder: Path, steps: int, dtype: str) -> dict:
     return {**json.loads(lines[-1]), "wall_s": round(time.perf_counter() - started, 1)}
 
 
-def plan_for(method: str, folder: Path, seq: int) -> int:
+def plan_for(method: str, folder: Path, seq: int, dtype: str) -> int:
     from loraq.product.plan import plan_memory
 
-    return plan_memory(str(folder), method, batch_size=1, seq_len=seq, rank=16, grad_checkpoint=True).peak
+    compute_bytes = 2 if dtype == "bf16" else 4
+    return plan_memory(
+        str(folder), method, batch_size=1, seq_len=seq, rank=16, grad_checkpoint=True, compute_bytes=compute_bytes
+    ).peak
 
 
 def main() -> None:
@@ -221,7 +224,7 @@ def main() -> None:
         if name.startswith("loraq-"):  # loraq-METHOD[-mmapN]: --mmap-threshold-mb N
             method, _, mmap = name.removeprefix("loraq-").partition("-mmap")
             result = run_loraq(method, folder, args.steps, work, data, int(mmap or 0), dtype)
-            result["plan_mb"] = round(plan_for(method, folder, 512) / MB)
+            result["plan_mb"] = round(plan_for(method, folder, 512, dtype) / MB)
         else:
             result = run_peft(folder, args.steps, dtype)
         results["setups"][setup] = result

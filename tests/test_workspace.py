@@ -96,7 +96,7 @@ def _checkpointed_step(model, tokens, share: bool, dtype=torch.float32) -> tuple
     for layer in frozen_layers(model):
         layer.dequantize = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(layer.dequantize)
     model.zero_grad()
-    with workspace.attached(model, _checkpointed_blocks(model) if share else ()):
+    with workspace.attached(model, _checkpointed_blocks(model, torch.bfloat16) if share else ()):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()

@@ -181,10 +181,12 @@ def plan_memory(
     if embedding_bytes < compute_bytes:  # a 16-bit head under fp32 compute is cast a slice of rows at a time
         activations += VOCAB_CHUNK * h * compute_bytes
     largest = max(i * o for i, o in shapes)
-    # a 4-bit layer dequantizes into a buffer in the compute dtype; on a CPU through fp32 values (the buffer itself
-    # under fp32 compute) and a 4-byte index per two packed bytes
-    cpu_bytes = 5 + (compute_bytes if compute_bytes != 4 else 0)
-    workspace = largest * (compute_bytes if device == "cuda" else cpu_bytes) if scheme.quantized else 0
+    # a 4-bit layer dequantizes into a buffer in the compute dtype (the largest layer's); under checkpointing in
+    # 16 bits each layer of a block into its own, kept for the backward (train._checkpointed_blocks). On a CPU an
+    # fp32 output is decoded at once through a 4-byte index per two packed bytes; a 16-bit one piece by piece.
+    outputs = largest + (sum(i * o for i, o in shapes) if grad_checkpoint and compute_bytes == 2 else 0)
+    index = largest if device == "cpu" and compute_bytes == 4 else 0
+    workspace = outputs * compute_bytes + index if scheme.quantized else 0
     gathered = 0
     if world_size > 1:  # blocks whole while they compute (weights, adapter and its gradient), the root's embedding
         gathered = GATHERED_BLOCKS * (block + 8 * block_trainable) + frozen_bytes * vocab * h
