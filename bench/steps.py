@@ -7,8 +7,11 @@ setups alternate for --rounds rounds; the report gives medians and ratios to the
     .venv/bin/python bench/steps.py --setups loraq-qlora,loraq-lora,peft-lora,peft-qlora
     .venv/bin/python bench/steps.py --setups loraq-lora,loraq-qlora,loraq-qalora,loraq-constants
     .venv/bin/python bench/steps.py --setups loraq-qalora,loraq-qadora,loraq-qlora,loraq-qdora   # DoRA's cost
+    .venv/bin/python bench/steps.py --setups loraq-qlora,peft-qlora --compute-dtype bf16  # both in bf16 autocast
 
-Batch 4 x 256 tokens, r=16 on all 7 projections, loss on every token, AdamW on the adapter.
+Batch 4 x 256 tokens, r=16 on all 7 projections, loss on every token, AdamW on the adapter. With
+--compute-dtype bf16 every setup runs under CPU bf16 autocast (bitsandbytes with bf16 compute), as
+`loraq train` does on a CPU with native bf16.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ SETUPS = ("loraq-lora", "loraq-qlora", "loraq-qalora", "loraq-constants", "peft-
           "loraq-dora", "loraq-qdora", "loraq-qadora", "peft-dora")  # fmt: skip
 
 
-def load(which: str, rank: int):
+def load(which: str, rank: int, dtype):
     import torch
 
     import loraq
@@ -78,7 +81,7 @@ def load(which: str, rank: int):
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = "cpu"
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
@@ -87,25 +90,30 @@ def load(which: str, rank: int):
     return model, AutoTokenizer.from_pretrained(folder)
 
 
-def measure(which: str, batch: int, seq: int, rank: int, warmup: int, steps: int) -> dict:
+def measure(which: str, batch: int, seq: int, rank: int, warmup: int, steps: int, compute_dtype: str) -> dict:
     import torch
 
+    from loraq.quant import workspace
+
     torch.manual_seed(0)
-    model, tokenizer = load(which, rank)
+    dtype = torch.bfloat16 if compute_dtype == "bf16" else torch.float32
+    model, tokenizer = load(which, rank, dtype)
     model.train()
     x = batch_of_text(tokenizer, batch, seq)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     times, losses = [], []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+    with workspace.attached(model):  # (as `loraq train` lends one; PEFT's layers have no use for it)
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            losses.append(float(loss))
     return {
         "which": which,
         "trainable": sum(p.numel() for p in params),
@@ -124,10 +132,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--setups", default="loraq-lora,peft-lora", help=f"comma list of {', '.join(SETUPS)}")
+    ap.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--child", choices=SETUPS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.batch, args.seq, args.rank, args.warmup, args.steps)))
+        options = (args.batch, args.seq, args.rank, args.warmup, args.steps, args.compute_dtype)
+        print(json.dumps(measure(args.child, *options)))
         return
 
     setups = args.setups.split(",")
@@ -137,9 +147,11 @@ def main() -> None:
     results: dict[str, list[dict]] = {s: [] for s in setups}
     for _ in range(args.rounds):
         for which in setups:
-            cmd = [sys.executable, __file__, "--child", which] + [
-                f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "rank", "warmup", "steps")
-            ]
+            cmd = (
+                [sys.executable, __file__, "--child", which]
+                + [f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "rank", "warmup", "steps")]
+                + [f"--compute-dtype={args.compute_dtype}"]
+            )
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results[which].append(json.loads(out.strip().splitlines()[-1]))
             print(f"  {which:12s} {results[which][-1]}", file=sys.stderr)
@@ -148,7 +160,7 @@ def main() -> None:
         return statistics.median(r[key] for r in results[which])
 
     print(
-        f"\nbatch {args.batch} x {args.seq}, r={args.rank} on {len(PROJECTIONS)} projections, "
+        f"\nbatch {args.batch} x {args.seq}, r={args.rank} on {len(PROJECTIONS)} projections, {args.compute_dtype}, "
         f"median of {args.steps} steps after {args.warmup} warm-up, {args.rounds} alternating rounds"
     )
     first = setups[0]

@@ -171,3 +171,36 @@ def test_train_with_dora_writes_a_peft_dora_adapter(tmp_path, tiny_model_dir, to
     base, _ = loraq.load_model(tiny_model_dir, method="qalora")  # the INT4 g32 base it trained on
     reloaded = loraq.load_adapter(base, tmp_path / "run" / "adapter")
     assert close(logits(reloaded.eval(), tokens), logits(result.model.eval(), tokens), 1e-4)
+
+
+def test_peft_dora_from_transformers_gguf_model_loads_onto_the_files_codes(tmp_path):
+    """A PEFT DoRA adapter trained on the model transformers makes of a GGUF (q/k rows un-permuted to its order)
+    loads onto loraq's model of the same file's codes with the same logits: magnitudes and B rows follow the
+    q/k permutation."""
+    from conftest import build_tokenizer
+    from test_gguf_blocks import tiny_model, write_tiny_gguf
+    from transformers import AutoModelForCausalLM
+
+    from loraq.quant.schemes.gguf import GgufCodes
+
+    tokenizer = build_tokenizer()
+    model = tiny_model("llama", len(tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    write_tiny_gguf(model, "llama", tmp_path / "tiny.gguf", ["Q4_1"])
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="tiny.gguf", dtype=torch.float32, tie_word_embeddings=False
+    )
+    rest = {k: v for k, v in model.state_dict().items() if "_proj" not in k}  # (the file holds the linears only)
+    theirs.load_state_dict(rest, strict=False)
+    ours, _ = loraq.load_model(tmp_path, quantize_layer=GgufCodes(tmp_path / "tiny.gguf").quantize_layer)
+    tokens = torch.randint(3, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
+    assert close(logits(ours, tokens), logits(theirs, tokens))  # the same base
+    config = PeftConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj"], use_dora=True)
+    peft_model = get_peft_model(theirs, config)
+    randomize(peft_model, seed=3)
+    peft_model.save_pretrained(tmp_path / "ad")
+    assert isinstance(ours.model.layers[0].self_attn.q_proj, IntLinear)
+    ours = loraq.load_adapter(ours, tmp_path / "ad")
+    assert not close(logits(ours, tokens), logits(model, tokens), 1e-2)  # the adapter does change the logits
+    assert close(logits(ours.eval(), tokens), logits(peft_model.eval(), tokens))
