@@ -66,3 +66,11 @@ def test_without_triton_cuda_takes_the_pytorch_path_with_one_line(monkeypatch, c
         assert err.count("\n") == 1 and "no Triton kernels for the 4-bit layers" in err and "PyTorch path" in err
     finally:
         frozen.cuda_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_on_a_cpu_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    monkeypatch.setattr(sys.modules["loraq.product.device"], "cpu_supports_bf16", lambda: native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert resolve_device(TrainConfig(device="cpu")) == (torch.device("cpu"), expected)
+    assert resolve_device(TrainConfig(device="cpu", compute_dtype="fp32"))[1] == torch.float32

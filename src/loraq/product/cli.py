@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=1, help="processes under torchrun (FSDP2 shards) (default: 1)")
     p.add_argument("--cpu-offload", action="store_true", help="with --world-size N: shards in host memory")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--compute-dtype", default="fp32", help="fp32 or bf16 (default: fp32)")
+    p.add_argument("--compute-dtype", default="auto", help="auto (as train: bf16 on CUDA and on CPUs with native "
+                   "bf16), fp32 or bf16")  # fmt: skip
     p.add_argument(
         "--device-memory", type=float, default=None, help="GiB per device: say whether the run fits, and how"
     )
@@ -208,8 +209,12 @@ def _run(args: argparse.Namespace) -> int:
 
         if min(args.batch_size, args.seq_len) < 1 or args.rank < 0 or not 0 < args.loss_fraction <= 1:
             raise LoraqError("--batch-size and --seq-len must be >= 1, --rank >= 0 and --loss-fraction in (0, 1]")
-        if args.compute_dtype not in ("fp32", "bf16"):
-            raise LoraqError(f"--compute-dtype must be fp32 or bf16, got {args.compute_dtype!r}")
+        if args.compute_dtype not in ("auto", "fp32", "bf16"):
+            raise LoraqError(f"--compute-dtype must be auto, fp32 or bf16, got {args.compute_dtype!r}")
+        if args.compute_dtype == "auto":
+            from .device import cpu_supports_bf16
+
+            args.compute_dtype = "bf16" if args.device == "cuda" or cpu_supports_bf16() else "fp32"
         options = dict(
             model=args.model, method=args.method, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
             bits=args.bits, group_size=args.group_size, grad_checkpoint=args.grad_checkpoint,

@@ -18,7 +18,9 @@ def resolve_device(config: TrainConfig, rank: int = 0, world: int = 1) -> tuple[
     """The device and compute dtype a run uses, checked against what this machine has (under torchrun on
     CUDA, each process its own GPU).
 
-    On CUDA, "auto" is bf16 autocast, or fp16 (with loss scaling) on a GPU without bf16.
+    "auto" is bf16 autocast on CUDA, or fp16 (with loss scaling) on a GPU without bf16; on a CPU bf16 autocast
+    where the CPU computes bf16 natively (AMX / AVX512-BF16: matmuls 5x faster than fp32 on this project's
+    machines, validation loss within 0.01 of fp32 after 150 steps, README), else fp32.
 
     Raises:
         LoraqError: CUDA asked for but absent, a CUDA device number this machine lacks (the message lists the
@@ -38,7 +40,10 @@ def resolve_device(config: TrainConfig, rank: int = 0, world: int = 1) -> tuple[
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype_name = config.compute_dtype
     if dtype_name == "auto":
-        dtype_name = "fp32" if device.type == "cpu" else "bf16" if cuda_bf16 else "fp16"
+        if device.type == "cpu":
+            dtype_name = "bf16" if cpu_supports_bf16() else "fp32"
+        else:
+            dtype_name = "bf16" if cuda_bf16 else "fp16"
     if device.type == "cuda" and dtype_name == "bf16" and not cuda_bf16:
         raise LoraqError(
             f"--compute-dtype bf16: {torch.cuda.get_device_name(device)} has no bf16; use --compute-dtype fp16 "

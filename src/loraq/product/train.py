@@ -139,8 +139,6 @@ def _train(config: TrainConfig, model: nn.Module | None, tokenizer, progress: bo
     threads = set_threads(config.threads, device.type)
     if threads and writer:
         print(f"loraq: {threads}", file=sys.stderr)
-    if writer and device.type == "cpu" and config.compute_dtype == "auto" and dtype == torch.bfloat16:
-        print("loraq: computing in bf16 (this CPU has native bf16; --compute-dtype fp32 to change)", file=sys.stderr)
     if config.offload_activations and device.type != "cuda":
         raise LoraqError("--offload-activations moves saved activations from a GPU to host memory; this runs on a CPU")
     check_run_folder(run, config)  # (after every check of the options: --overwrite clears old checkpoints)
@@ -161,9 +159,13 @@ def _train(config: TrainConfig, model: nn.Module | None, tokenizer, progress: bo
     log = _MetricsLog(run, writer)
     batches = _batches(config, data, tokenizer.pad_token_id, writer)
 
+    # On a CPU validation computes in fp32 even when training is in bf16: the figure is then the one `loraq eval`
+    # and a deployed model give (a forward pass costs little beside a step)
+    val_dtype = torch.float32 if device.type == "cpu" else dtype
+
     def validate() -> float:
         return evaluate_loss(
-            model, data.val, config.eval_batch_size, tokenizer.pad_token_id, device, dtype, rank=rank, world=world
+            model, data.val, config.eval_batch_size, tokenizer.pad_token_id, device, val_dtype, rank=rank, world=world
         )
 
     with workspace.attached(model, _checkpointed_blocks(model, dtype)), _StopOnSigint() as stop:
@@ -268,6 +270,8 @@ def _build_model(
             shard_model(model, device, config.cpu_offload)
     if writer:
         print(f"loraq: {parameter_summary(model)}" + (f" on {world} processes" if world > 1 else ""))
+        if device.type == "cpu" and config.compute_dtype == "auto" and dtype == torch.bfloat16:
+            print("loraq: computing in bf16 autocast (this CPU has native bf16; --compute-dtype fp32 to change)")
         run.write_config(config)
         record = DataRecord(len(data.train), len(data.val), data.truncated, data.dropped, len(calibration or []))
         run.write_data(record, calibration)

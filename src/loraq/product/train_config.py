@@ -109,7 +109,9 @@ class TrainConfig:
     cpu_offload: bool = _opt(
         False, "under torchrun: keep each process's shard of the model in host memory (FSDP2 CPU offload)"
     )
-    compute_dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA only)")
+    compute_dtype: str = _opt(
+        "auto", "auto (bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32), fp32, bf16 or fp16 (CUDA only)"
+    )
     out: str = _opt("runs/run", "run folder")
     lora: LoraConfig = field(init=False, repr=False)
 
