@@ -224,7 +224,9 @@ def main() -> None:
         worst = max(worst, float(np.abs(theirs - ours).max()))
     print(f"llama.cpp dequantize_row_* vs loraq on {len(layers.tensors)} tensors: max difference {worst}")
     prompt = _held_out_prompt()
-    model = lib.Llama(model_path=str(written), n_ctx=512, verbose=False)
+    # n_batch=1: llama-cpp-python 0.3.36 built here crashes (SIGSEGV) evaluating a multi-token batch of any Q4_1
+    # file on this AMX CPU, the untouched input file included; one token at a time it runs
+    model = lib.Llama(model_path=str(written), n_ctx=512, n_batch=1, verbose=False)
     answer = model.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=48, temperature=0)
     print(f"llama.cpp on the written file:\n  {prompt}\n  -> {answer['choices'][0]['message']['content']}")
 
