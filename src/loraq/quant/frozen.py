@@ -7,8 +7,9 @@ parameters, never buffers) and each process can quantize only its own rows. File
 the schemes reshape on save and load.
 
 The matmul is one autograd.Function shared by every format: it dequantizes again in backward instead of
-saving the full-precision weight, and returns no gradient for it, so gradients flow to the input (and to
-adapters below) only. Nothing is cached between calls, so no inference call can change how a later training
+saving the full-precision weight (inside a block that checkpointing recomputes, the recompute's weight serves the
+backward: see _FrozenMatmul), and returns no gradient for it, so gradients flow to the input (and to adapters
+below) only. Nothing is cached between calls, so no inference call can change how a later training
 call behaves. The dtype of the matmul is autocast's where autocast is on, else the input's; the output comes
 back in the input's dtype (as bitsandbytes' Linear4bit).
 
