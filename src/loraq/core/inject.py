@@ -250,10 +250,5 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.
 def _merged_linear(layer: LoraLinear) -> nn.Linear:
     """A full-precision nn.Linear holding the dequantized base weight plus the active adapter's update."""
     base = layer.base
-    adapter = layer.adapters[layer.active]
-    weight = scheme_of(base).dequantize(base)
-    factor = adapter.dora_factor(weight)[:, None] if adapter.dora else None  # W' = k·(W0 + ΔW), row by row
-    weight += adapter.delta_weight().to(weight.device)
-    if factor is not None:
-        weight *= factor
+    weight = layer.adapters[layer.active].merged_weight(scheme_of(base).dequantize(base))
     return plain_linear(weight, base.bias, getattr(base, "weight_dtype", torch.float32))

@@ -120,6 +120,13 @@ class LoraAdapter(nn.Module):
         """k = m / ||(W0 + ΔW)[o]|| per output row: what a merge multiplies each row of W0 + ΔW by."""
         return self.magnitude.detach().float().to(w0.device) / self.adapted_norms(w0)
 
+    def merged_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        """The adapted weight in fp32 from the base's `w0` (out, in): W0 + ΔW, with DoRA k·(W0 + ΔW) row by row."""
+        weight = w0.float() + self.delta_weight().to(w0.device)
+        if self.dora:
+            weight *= (self.magnitude.detach().float().to(w0.device) / torch.linalg.vector_norm(weight, dim=1))[:, None]
+        return weight
+
     def group_delta(self) -> torch.Tensor:
         """s·(B·A)·pool_scale in float32, shape (out, in / pool): the weight change of each group's columns."""
         return (self.B.float() @ self.A.float()) * (self.scaling * self.pool_scale)
@@ -320,12 +327,12 @@ class LoraLinear(nn.Module):
             where = self._scheme().describe()
             raise LoraqError(f"a DoRA adapter cannot be merged exactly into a {where} base; use loraq.merge(model)")
         weight = self._scheme().dequantize(self.base).float()
-        k = adapter.dora_factor(weight)
         self._dora_kept = {name: getattr(self.base, name).detach().clone() for name in targets}
         if targets == ("weight",):
             stored = linear_weight(self.base)
-            stored.copy_((k[:, None] * (weight + adapter.delta_weight().to(weight.device))).to(stored.dtype))
+            stored.copy_(adapter.merged_weight(weight).to(stored.dtype))
             return
+        k = adapter.dora_factor(weight)
         if targets == ("blocks",):
             self.base.blocks.copy_(gguf_blocks.scale_rows(self.base.blocks, self.base.type_name, k))
             return

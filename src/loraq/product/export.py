@@ -173,7 +173,7 @@ def _merge_in_format(model: nn.Module) -> dict[str, tuple[str, float]]:
         if trained.trains_constants:  # the layer computed with its trained constants: that weight was trained
             update = base.adjusted_weight(torch.float32, trained.gamma, trained.delta) - before + update
         if trained.dora:  # DoRA's weight is k·(W0 + ΔW), k = m / ||W0 + ΔW|| per row
-            update = trained.dora_factor(before)[:, None] * (before + update) - before
+            update = trained.merged_weight(before) - before
         layer.merge()
         written = scheme.dequantize(base)
         lost = float((written - before - update).norm() / update.norm().clamp(min=1e-30))
