@@ -179,19 +179,21 @@ class LoraLinear(nn.Module):
         self.adapters[name] = adapter
         return adapter
 
-    @torch.no_grad()
     def _start_dora(self, adapter: LoraAdapter, device: torch.device) -> None:
-        """||W0[o]||² of the weight the base computes with (dequantized), and m = ||W0 + ΔW|| (= ||W0|| while B
-        is zero): a fresh DoRA adapter changes nothing."""
         scheme = self._scheme()
-        if device.type == "meta":
-            raise LoraqError("DoRA needs the base's weights to start its magnitudes: not yet under torchrun (FSDP2)")
         if scheme.merge_rounds(adapter):
             raise LoraqError(
                 f"DoRA on a {scheme.describe()} base: its format holds no free offset, so training computes with the "
                 "rounded merge; train DoRA on a Q4_1/INT-k base (--method qalora) or a 16-bit one"
             )
-        weight = scheme.dequantize(self.base).float()
+        if device.type != "meta":  # (a base built on meta to load into shards: the loader starts them once loaded)
+            self.start_dora(adapter)
+
+    @torch.no_grad()
+    def start_dora(self, adapter: LoraAdapter) -> None:
+        """||W0[o]||² of the weight the base computes with (dequantized), and m = ||W0 + ΔW|| (= ||W0|| while B
+        is zero): a fresh DoRA adapter changes nothing."""
+        weight = self._scheme().dequantize(self.base).float()
         adapter.base_norm_sq.copy_(weight.pow(2).sum(dim=1))
         adapter.magnitude.copy_(adapter.adapted_norms(weight))
 

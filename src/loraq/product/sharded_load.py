@@ -32,7 +32,7 @@ from ..formats.checkpoint import (
     taker,
 )
 from ..quant.schemes import CorruptTensor, RowShard, Scheme, chunk_bounds
-from .distributed import is_dtensor, local_tensor, shard_model
+from .distributed import is_dtensor, local_tensor, shard_like, shard_model
 
 COPY_BYTES = 16 * 2**20  # rows of an unquantized tensor read and copied at a time
 
@@ -91,6 +91,7 @@ def load_sharded(
     shard_model(model, device, cpu_offload)
     _materialize(model, device, cpu_offload)
     errors = _fill(model, tensors, scheme, layers, where, device, stored is not None)
+    _start_dora(model)
     model.eval()
     return model, errors
 
@@ -185,6 +186,42 @@ def _fill(
     totals = torch.tensor(squares, dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     return {name: float(n.sqrt() / d.sqrt().clamp(min=1e-30)) for name, (n, d) in zip(layers, totals.cpu())}
+
+
+def _start_dora(model: nn.Module) -> None:
+    """DoRA's magnitudes start at the row norms of the loaded base (the meta-device model had none): each sharded
+    unit is gathered whole once, as its forward would gather it, its layers' norms computed there, and each
+    process keeps its part of the magnitudes. A collective: every rank walks the same units in the same order."""
+    for unit, layers in _layers_by_unit(model):
+        adapters = [(layer, a) for layer in layers for a in layer.adapters.values() if a.dora]
+        if not adapters:
+            continue
+        unit.unshard()
+        for layer, adapter in adapters:
+            layer.start_dora(adapter)  # base_norm_sq (a buffer, whole on every process) kept as it is
+        whole = [adapter.magnitude.detach().clone() for _, adapter in adapters]
+        unit.reshard()  # the sharded parameters are back: keep this process's part of the magnitudes
+        with torch.no_grad():
+            for (_, adapter), magnitude in zip(adapters, whole):
+                local_tensor(adapter.magnitude).copy_(local_tensor(shard_like(magnitude, adapter.magnitude)))
+
+
+def _layers_by_unit(model: nn.Module) -> list[tuple[nn.Module, list[LoraLinear]]]:
+    """Each sharded unit (FSDP2 module) with the adapted layers whose parameters it gathers (its own, not a
+    nested unit's), in the model's order."""
+    from torch.distributed.fsdp import FSDPModule
+
+    owned: dict[int, tuple[nn.Module, list[LoraLinear]]] = {}
+
+    def walk(module: nn.Module, unit: nn.Module) -> None:
+        unit = module if isinstance(module, FSDPModule) else unit
+        if isinstance(module, LoraLinear):
+            owned.setdefault(id(unit), (unit, []))[1].append(module)
+        for child in module.children():
+            walk(child, unit)
+
+    walk(model, model)
+    return list(owned.values())
 
 
 def _fill_stored(layer: nn.Module, name: str, scheme: Scheme, tensors: LazyTensors, shard: RowShard, where) -> None:
