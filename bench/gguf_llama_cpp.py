@@ -235,7 +235,8 @@ def main() -> None:
     layers = GgufLayers(written)
     merged, _ = loraq.load_model(str(made), quantize_layer=GgufCodes(written).quantize_layer)
     val = _validation_items(tokenizer, 128)
-    for label, model in (("written by loraq", merged), ("conventional", requantized)):
+    untrained, _ = loraq.load_model(str(made), quantize_layer=GgufCodes(made).quantize_layer)
+    for label, model in (("input", untrained), ("written by loraq", merged), ("conventional", requantized)):
         loss = evaluate_loss(model, val, 16, tokenizer.pad_token_id)
         print(f"validation loss ({len(val)} held-out examples) of the {label} file: {loss:.4f}", flush=True)
     worst = 0.0
