@@ -197,7 +197,7 @@ def main() -> None:
         for n, t in after.items():
             kind = t.tensor_type.name  # (one row of blocks: decode only needs their bytes)
             old, new = (
-                decode(torch.from_numpy(np.ascontiguousarray(x.data)).reshape(1, -1), kind) for x in (before[n], t)
+                decode(torch.from_numpy(np.array(x.data, dtype=np.uint8)).reshape(1, -1), kind) for x in (before[n], t)
             )
             same += torch.equal(old[0], new[0])
             changed += not np.array_equal(before[n].data, t.data)
