@@ -18,7 +18,8 @@ from functools import cache
 
 import torch
 
-from .workspace import PIECE, Workspace, decoded, lookup, word_table
+from . import native
+from .workspace import PIECE, Workspace, decoded, lookup, output, word_table
 
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -160,9 +161,13 @@ def dequantize_4bit(
     `workspace` is given (frozen matmuls only): then a view of its output buffer.
     """
     n, dtype, device = state.numel, dtype or state.dtype, packed.device
-    pairs, words = _byte_pairs(state.quant_type, device), _word_table(state.quant_type, device)
     absmax = state.block_absmax(workspace).to(device)
     flat, blocksize = packed.reshape(-1), state.blocksize
+    if blocksize % 2 == 0 and native.usable(dtype, packed):  # the same values, decoded in C
+        out = output(workspace, n, dtype, device)
+        native.nf4(flat, absmax, code_4bit(state.quant_type), blocksize, out)
+        return out.view(state.shape)
+    pairs, words = _byte_pairs(state.quant_type, device), _word_table(state.quant_type, device)
 
     def decode(start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
         # start is a multiple of the block size (and so even): its code is a byte's high nibble

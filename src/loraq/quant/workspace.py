@@ -75,6 +75,13 @@ def attached(model: nn.Module, checkpointed: Iterable[nn.Module] = ()) -> Iterat
         workspace.release()
 
 
+def output(workspace: Workspace | None, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Where a dequantization of `numel` values writes: a view of the workspace's output buffer, or a fresh tensor."""
+    if workspace is None:
+        return torch.empty(numel, dtype=dtype, device=device)
+    return workspace.get(workspace.output, numel, dtype, device)
+
+
 def word_table(byte_table: torch.Tensor) -> torch.Tensor:
     """(65536, 2k) from a (256, k) byte table: row w + 32768 holds the values of the two bytes whose
     little-endian int16 is w, so that one lookup decodes two bytes."""

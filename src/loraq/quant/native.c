@@ -1,0 +1,122 @@
+/* loraq's CPU dequantization of NF4/FP4 and INT4 into fp32 or bf16, built once on the user's machine by
+   quant/native.py (the system C compiler, -O3 -march=native -ffp-contract=off) and called through ctypes.
+
+   Bit-exact with the PyTorch path (quant/nf4.py, quant/intk.py): the same float operations per value in the
+   same order (code * absmax; code * scale then + offset, no FMA), then round-to-nearest-even to bf16 as
+   torch's cast does (finite values). AVX-512 where the compiler targets it (a 16-entry table is one register:
+   one permute per 16 values); elsewhere plain loops the compiler vectorizes as it can. Each call decodes
+   [start, stop) of the value stream into out[0 : stop - start]; callers split a tensor across threads. */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's cast (finite values) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+#if defined(__AVX512F__)
+static inline void store16_f32(float *o, __m512 v) { _mm512_storeu_ps(o, v); }
+static inline void store16_bf16(uint16_t *o, __m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi32_epi16(r));
+}
+/* 32 values from 16 bytes: first[k] of byte k, then second[k], interleaved as first0 second0 first1 ... */
+#define INTERLEAVE_STORE(STORE16, o, first, second)                                         \
+    do {                                                                                     \
+        const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0); \
+        const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8); \
+        STORE16((o), _mm512_permutex2var_ps((first), lo_idx, (second)));                      \
+        STORE16((o) + 16, _mm512_permutex2var_ps((first), hi_idx, (second)));                 \
+    } while (0)
+#endif
+
+#define AS_FLOAT(v) (v)
+
+/* NF4/FP4: values [start, stop) of the stream (start a multiple of blocksize): value i is
+   code[nibble i] * absmax[i / blocksize], the high nibble of each byte first. */
+#define NF4_FN(NAME, T, STORE, STORE16)                                                     \
+    void NAME(const uint8_t *packed, const float *absmax, const float *code, int64_t blocksize, \
+              int64_t start, int64_t stop, T *out) {                                         \
+        for (int64_t b = start / blocksize; b * blocksize < stop; ++b) {                     \
+            const float a = absmax[b];                                                       \
+            const int64_t lo = b * blocksize, hi = lo + blocksize < stop ? lo + blocksize : stop; \
+            const int64_t pairs = (hi - lo) / 2;                                             \
+            const uint8_t *p = packed + lo / 2;                                              \
+            T *o = out + (lo - start);                                                       \
+            int64_t j = 0;                                                                   \
+            VEC_NF4(STORE16)                                                                 \
+            for (; j < pairs; ++j) {                                                         \
+                const uint8_t byte = p[j];                                                   \
+                o[2 * j] = STORE(code[byte >> 4] * a);                                       \
+                o[2 * j + 1] = STORE(code[byte & 15] * a);                                   \
+            }                                                                                \
+            if ((hi - lo) & 1) o[hi - lo - 1] = STORE(code[p[pairs] >> 4] * a);              \
+        }                                                                                    \
+    }
+
+#if defined(__AVX512F__)
+#define VEC_NF4(STORE16)                                                                     \
+    {                                                                                        \
+        const __m512 table = _mm512_loadu_ps(code), av = _mm512_set1_ps(a);                  \
+        for (; j + 16 <= pairs; j += 16) {                                                   \
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + j)));  \
+            __m512 high = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), av); \
+            __m512 low = _mm512_mul_ps(_mm512_permutexvar_ps(bytes, table), av); /* (uses the index's low 4 bits) */ \
+            INTERLEAVE_STORE(STORE16, o + 2 * j, high, low);                                 \
+        }                                                                                    \
+    }
+#else
+#define VEC_NF4(STORE16)
+#endif
+
+NF4_FN(nf4_f32, float, AS_FLOAT, store16_f32)
+NF4_FN(nf4_bf16, uint16_t, to_bf16, store16_bf16)
+
+/* INT4 (rows of whole groups): value i is code * scale[i / group] + offset[i / group], the low nibble of each
+   byte first; a multiply then an add, two roundings (no FMA), as the PyTorch path. [start, stop) on groups. */
+#define INT4_FN(NAME, T, STORE, STORE16)                                                     \
+    void NAME(const uint8_t *packed, const float *scale, const float *offset, int64_t group,  \
+              int64_t start, int64_t stop, T *out) {                                         \
+        for (int64_t g = start / group; g * group < stop; ++g) {                             \
+            const float s = scale[g], m = offset[g];                                         \
+            const uint8_t *p = packed + g * group / 2;                                       \
+            T *o = out + (g * group - start);                                                \
+            int64_t j = 0;                                                                   \
+            VEC_INT4(STORE16)                                                                \
+            for (; j < group / 2; ++j) {                                                     \
+                const uint8_t byte = p[j];                                                   \
+                float v0 = (float)(byte & 15) * s, v1 = (float)(byte >> 4) * s;              \
+                v0 = v0 + m;                                                                 \
+                v1 = v1 + m;                                                                 \
+                o[2 * j] = STORE(v0);                                                        \
+                o[2 * j + 1] = STORE(v1);                                                    \
+            }                                                                                \
+        }                                                                                    \
+    }
+
+#if defined(__AVX512F__)
+#define VEC_INT4(STORE16)                                                                    \
+    {                                                                                        \
+        const __m512 sv = _mm512_set1_ps(s), mv = _mm512_set1_ps(m);                         \
+        const __m512i nibble = _mm512_set1_epi32(15);                                        \
+        for (; j + 16 <= group / 2; j += 16) {                                               \
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + j)));  \
+            __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, nibble));                \
+            __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));                   \
+            low = _mm512_add_ps(_mm512_mul_ps(low, sv), mv);                                 \
+            high = _mm512_add_ps(_mm512_mul_ps(high, sv), mv);                               \
+            INTERLEAVE_STORE(STORE16, o + 2 * j, low, high);                                 \
+        }                                                                                    \
+    }
+#else
+#define VEC_INT4(STORE16)
+#endif
+
+INT4_FN(int4_f32, float, AS_FLOAT, store16_f32)
+INT4_FN(int4_bf16, uint16_t, to_bf16, store16_bf16)

@@ -1,0 +1,123 @@
+"""The C dequantization (quant/native.c) against the PyTorch path it replaces on a CPU: bit for bit, for NF4/FP4
+(with and without double quantization, odd sizes, every block size) and INT4 (rows first and the flat stream),
+into fp32 and bf16, split over any number of threads; its portable build too; and the PyTorch path with one
+line when there is no compiler. A training run computes the same losses either way."""
+
+from __future__ import annotations
+
+import json
+import platform
+
+import pytest
+import torch
+
+import loraq
+from loraq.quant import intk, native, nf4
+from loraq.quant.workspace import Workspace
+
+pytestmark = pytest.mark.skipif(not native.enabled(), reason="no C compiler: the PyTorch path is the only one")
+
+
+def pytorch_path(monkeypatch, fn):
+    """fn() with the C path turned off (LORAQ_NATIVE=0)."""
+    with monkeypatch.context() as m:
+        m.setenv("LORAQ_NATIVE", "0")
+        return fn()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[a.dtype]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(ints), b.view(ints))
+
+
+@pytest.mark.parametrize("shape, blocksize, quant_type, double", [
+    ((64, 256), 64, "nf4", True), ((7, 9), 64, "nf4", True), ((33, 65), 32, "fp4", False),
+    ((300, 300), 4096, "nf4", True), ((3, 4097), 128, "nf4", False), ((512, 576), 64, "fp4", True),
+])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_is_the_pytorch_path_bit_for_bit(monkeypatch, shape, blocksize, quant_type, double, dtype):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 0.05
+    packed, state = nf4.quantize_4bit(weight, blocksize, quant_type, double)
+    for workspace in (None, Workspace()):
+        ours = nf4.dequantize_4bit(packed, state, dtype, workspace).clone()
+        theirs = pytorch_path(monkeypatch, lambda: nf4.dequantize_4bit(packed, state, dtype, Workspace()))
+        assert same_bits(ours, theirs)
+
+
+@pytest.mark.parametrize("shape, group", [((64, 256), 32), ((5, 96), 32), ((48, 512), 128), ((3, 12), 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_is_the_pytorch_path_bit_for_bit(monkeypatch, shape, group, dtype):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1])) * 0.05
+    codes, scale, offset = intk.quantize_rtn(weight, 4, group)
+    for packed in (intk.pack_rows(codes, 4), intk.pack_codes(codes, 4)):  # rows first (or flat), and flat
+        # trained constants reach the dequantization as fp32 (scale·(1 + gamma)): both kinds
+        for s, m in ((scale, offset), (scale.float() * 1.01, offset.float() - 1e-4)):
+            ours = intk.dequantize_packed(packed, 4, s, m, dtype, Workspace()).clone()
+            theirs = pytorch_path(monkeypatch, lambda p=packed, s=s, m=m: intk.dequantize_packed(p, 4, s, m, dtype))
+            assert same_bits(ours, theirs)
+
+
+def nf4_and_int4(weight: torch.Tensor):
+    """A function giving the weight's NF4 dequantized to bf16 and its INT4 g32 to fp32."""
+    packed, state = nf4.quantize_4bit(weight)
+    codes, scale, offset = intk.quantize_rtn(weight, 4, 32)
+    int_packed = intk.pack_rows(codes, 4)
+    return lambda: [nf4.dequantize_4bit(packed, state, torch.bfloat16),
+                    intk.dequantize_packed(int_packed, 4, scale, offset)]  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_any_split_over_threads_gives_the_same_bits(monkeypatch, threads):
+    both = nf4_and_int4(torch.randn(259, 320, generator=torch.Generator().manual_seed(3)))  # 82,880 values: split
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = both()
+    finally:
+        torch.set_num_threads(before)
+    assert all(same_bits(a, b) for a, b in zip(ours, pytorch_path(monkeypatch, both)))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 build without AVX-512")
+def test_the_portable_build_is_bit_for_bit_too(monkeypatch, tmp_path):
+    """Without AVX-512 (most laptops) the plain loops run: built here with -mno-avx512f, the same bits."""
+    portable = native.load(native.build(("-mno-avx512f",), folder=tmp_path))
+    both = nf4_and_int4(torch.randn(100, 640, generator=torch.Generator().manual_seed(4)))
+    expected = pytorch_path(monkeypatch, both)
+    monkeypatch.setattr(native, "library", lambda: portable)
+    assert all(same_bits(a, b) for a, b in zip(both(), expected))
+
+
+def test_without_a_compiler_the_pytorch_path_runs_and_says_so_once(monkeypatch, tmp_path, capsys):
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(5))
+    packed, state = nf4.quantize_4bit(weight)
+    expected = nf4.dequantize_4bit(packed, state, torch.bfloat16)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LORAQ_CACHE", str(tmp_path / "cache"))  # (nothing built there yet)
+    native.library.cache_clear()
+    try:
+        first = nf4.dequantize_4bit(packed, state, torch.bfloat16)
+        again = nf4.dequantize_4bit(packed, state, torch.bfloat16)
+        assert not native.enabled()
+    finally:
+        native.library.cache_clear()  # the next test builds (or finds) the real one again
+    assert same_bits(first, expected) and same_bits(again, expected)
+    said = [line for line in capsys.readouterr().err.splitlines() if "dequantization" in line]
+    assert said == ["loraq: CPU dequantization in PyTorch (no C compiler found); set CC to a C compiler for the "
+                    "faster one"]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["qlora", "qalora"])
+def test_a_training_run_computes_the_same_losses_either_way(monkeypatch, tmp_path, tiny_model_dir, method):
+    from conftest import E2E_TINY
+
+    def run(folder: str) -> list[float]:
+        config = loraq.TrainConfig(model=str(tiny_model_dir), data=str(E2E_TINY), out=str(tmp_path / folder),
+                                   method=method, steps=3, batch_size=2, rank=4, warmup_steps=0, eval_every=3,
+                                   device="cpu", compute_dtype="bf16", grad_checkpoint=True)  # fmt: skip
+        loraq.train(config, progress=False)
+        lines = (tmp_path / folder / "metrics.jsonl").read_text().splitlines()
+        return [r[k] for r in map(json.loads, lines) for k in ("loss", "val_loss") if k in r]
+
+    ours = run("native")
+    assert ours == pytorch_path(monkeypatch, lambda: run("pytorch"))
