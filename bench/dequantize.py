@@ -6,13 +6,15 @@
 What the frozen matmul does on every use of a weight: NF4 with double-quantized block constants (blocksize 64)
 into a workspace buffer in the compute dtype, and INT4 group 32 (QA-LoRA's base: the GGUF Q4_1 layout) the same
 way. bitsandbytes gets the same weight (`bitsandbytes.functional.dequantize_4bit`, NF4, compress_statistics),
-quantized from the weight in the output dtype, as its Linear4bit holds it. Median of --repeats calls after two
-warm-ups, the setups interleaved round by round; ratio = loraq / bitsandbytes (lower is faster).
+quantized from the weight in the output dtype, as its Linear4bit holds it. loraq's C path (quant/native.c, the
+default wherever a C compiler is) and its PyTorch path (LORAQ_NATIVE=0) both. Median of --repeats calls after two
+warm-ups, the setups interleaved round by round; ratio = loraq's C path / bitsandbytes (lower is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from functools import partial
@@ -31,6 +33,19 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
+def pytorch_path(fn):
+    """fn with loraq's C dequantization turned off (LORAQ_NATIVE=0) while it runs."""
+
+    def call():
+        os.environ["LORAQ_NATIVE"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["LORAQ_NATIVE"]
+
+    return call
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="4096x4096,11008x4096", help="out x in, comma-separated")
@@ -45,7 +60,8 @@ def main() -> None:
     from loraq.quant.workspace import Workspace
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| shape | output | loraq NF4 ms | loraq INT4 g32 ms | bitsandbytes NF4 ms | NF4 ratio | INT4 ratio |")
+    print("| shape | output | loraq NF4 ms (C / PyTorch) | loraq INT4 g32 ms (C / PyTorch) | bitsandbytes NF4 ms "
+          "| NF4 ratio | INT4 ratio |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         rows, cols = (int(x) for x in shape.split("x"))
@@ -62,13 +78,15 @@ def main() -> None:
                 "int4": partial(dequantize_packed, int_packed, 4, scale, offset, dtype, workspace),
                 "bnb": partial(bnb.dequantize_4bit, theirs_q, theirs_state),
             }
+            setups |= {f"{k}-pytorch": pytorch_path(setups[k]) for k in ("nf4", "int4")}
             times: dict[str, list[float]] = {k: [] for k in setups}
             for _ in range(args.rounds):
                 for name, fn in setups.items():
                     times[name] += timed(fn, args.repeats)
             ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             label = str(dtype).removeprefix("torch.")
-            print(f"| {shape} | {label} | {ms['nf4']:.1f} | {ms['int4']:.1f} | {ms['bnb']:.1f} | "
+            print(f"| {shape} | {label} | {ms['nf4']:.1f} / {ms['nf4-pytorch']:.1f} | "
+                  f"{ms['int4']:.1f} / {ms['int4-pytorch']:.1f} | {ms['bnb']:.1f} | "
                   f"{ms['nf4'] / ms['bnb']:.2f} | {ms['int4'] / ms['bnb']:.2f} |", flush=True)  # fmt: skip
 
 
