@@ -121,3 +121,14 @@ def test_a_training_run_computes_the_same_losses_either_way(monkeypatch, tmp_pat
 
     ours = run("native")
     assert ours == pytorch_path(monkeypatch, lambda: run("pytorch"))
+
+
+def test_a_decode_counts_as_an_in_place_change_for_autograd():
+    """The C code writes behind autograd's back: the output's version moves all the same, so a weight saved for
+    backward and then overwritten raises (the guard of workspace.attached, tests/test_workspace.py)."""
+    packed, state = nf4.quantize_4bit(torch.randn(8, 64))
+    workspace = Workspace()
+    out = nf4.dequantize_4bit(packed, state, torch.bfloat16, workspace)
+    before = out._version
+    nf4.dequantize_4bit(packed, state, torch.bfloat16, workspace)
+    assert out._version > before

@@ -131,6 +131,9 @@ def _split(fn, out: torch.Tensor, unit: int, *args) -> None:
     """fn(*pointers, start, stop, out + start) over runs of whole units, one per thread; the tensors stay
     referenced here until every thread is done with them."""
     n = out.numel()
+    # written behind autograd's back: count it as an in-place change, so that a tensor saved for backward
+    # and then overwritten still raises autograd's version error (workspace.attached relies on it)
+    torch.autograd.graph.increment_version(out)
     pointers = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
     threads = torch.get_num_threads() if n >= SERIAL_BELOW else 1
     units = -(-n // unit)
