@@ -64,9 +64,11 @@ def test_int_dequantize_equals_the_pytorch_path_bit_for_bit(device, bits, group_
 def test_dequantize_writes_into_a_given_buffer(device):
     layer = int_layer((16, 64), 4, device=device)
     buffer = torch.full((16 * 64 + 10,), 7.0, device=device)
+    version = buffer._version
     got = kernels.int_dequantize(layer.packed, 4, layer.scale, layer.offset, torch.float32, out=buffer)
     assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, layer.dequantize())
     assert torch.equal(buffer[-10:], torch.full((10,), 7.0, device=device))
+    assert buffer._version > version  # written in place, as autograd counts it (workspace.attached's guard)
 
 
 @pytest.mark.parametrize("device", DEVICES)

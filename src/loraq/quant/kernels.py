@@ -129,10 +129,17 @@ def _nf4_args(packed: torch.Tensor, state: NF4State) -> tuple:
     return packed.reshape(-1), state.absmax.reshape(-1), nested, offset, code, dyn
 
 
+def _written(out: torch.Tensor) -> torch.Tensor:
+    """`out`, counted as changed in place: a kernel writes it behind autograd's back, and a weight saved for
+    backward then overwritten must still raise autograd's version error (workspace.attached relies on it)."""
+    torch.autograd.graph.increment_version(out)
+    return out
+
+
 def nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype, out: torch.Tensor | None = None):
     """The weight of shape `state.shape` in `dtype`, written into `out` (a flat buffer) when given."""
     n = state.numel
-    out = torch.empty(n, dtype=dtype, device=packed.device) if out is None else out[:n]
+    out = torch.empty(n, dtype=dtype, device=packed.device) if out is None else _written(out[:n])
     grid = (triton.cdiv(n, DEQUANT_BLOCK),)
     _nf4_dequantize_kernel[grid](*_nf4_args(packed, state), _bits_of(out), n, BLOCKSIZE=state.blocksize,
                                  DOUBLE_QUANT=state.double_quant, BF16=dtype == torch.bfloat16,
@@ -146,7 +153,7 @@ def int_dequantize(packed: torch.Tensor, bits: int, scale: torch.Tensor, offset:
     out_features, groups = scale.shape
     n = packed.numel() * 8 // bits
     in_features = n // out_features
-    out = torch.empty(n, dtype=dtype, device=packed.device) if out is None else out[:n]
+    out = torch.empty(n, dtype=dtype, device=packed.device) if out is None else _written(out[:n])
     grid = (triton.cdiv(n, DEQUANT_BLOCK),)
     _int_dequantize_kernel[grid](packed.reshape(-1), scale.contiguous(), offset.contiguous(), _bits_of(out), n,
                                  packed.numel(), in_features, BITS=bits, GROUP=in_features // groups,
