@@ -86,6 +86,12 @@ def test_the_portable_build_is_bit_for_bit_too(monkeypatch, tmp_path):
     expected = pytorch_path(monkeypatch, both)
     monkeypatch.setattr(native, "library", lambda: portable)
     assert all(same_bits(a, b) for a, b in zip(both(), expected))
+    from loraq.quant.schemes.intk import IntRTN
+
+    layer = IntRTN(4, 32).quantize_layer("x", torch.randn(40, 640), None)  # and its few-rows loop
+    x = torch.randn(3, 640)
+    exact = x.double() @ layer.dequantize().double().T
+    assert float((layer.few_rows(x, torch.float32).double() - exact).abs().max() / exact.abs().max()) <= 1e-6
 
 
 def test_without_a_compiler_the_pytorch_path_runs_and_says_so_once(monkeypatch, tmp_path, capsys):
@@ -132,3 +138,45 @@ def test_a_decode_counts_as_an_in_place_change_for_autograd():
     before = out._version
     nf4.dequantize_4bit(packed, state, torch.bfloat16, workspace)
     assert out._version > before
+
+
+@pytest.mark.parametrize("kind", ["nf4-64", "fp4-128", "nf4-4096", "int4-32", "int4-128"])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_rows_multiply_by_the_codes_as_dequantize_then_matmul_does(kind, rows, dtype):
+    """Decoding (no gradient, a few rows): the layer multiplies in C without forming the weight; the weight's
+    values are the dequantized ones exactly, only the order of the sums differs from a matmul."""
+    from loraq.quant.frozen import NF4Linear
+    from loraq.quant.schemes.intk import IntRTN
+
+    name, size = kind.split("-")
+    weight = torch.randn(96, 4096 if size == "4096" else 640, generator=torch.Generator().manual_seed(rows)) * 0.05
+    if name == "int4":
+        layer = IntRTN(4, int(size)).quantize_layer("x", weight, torch.randn(96))
+    else:
+        layer = NF4Linear(*nf4.quantize_4bit(weight, int(size), name), torch.randn(96))
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(7)).to(dtype)
+    exact = torch.nn.functional.linear(x.double(), layer.dequantize().double(), layer.bias.double())
+    used = native.gemv_usable(x, dtype, layer.in_features, 32)
+    assert used == (dtype == torch.float32 or rows <= 4)
+    with torch.no_grad():
+        fused = layer(x)
+    with torch.enable_grad():  # the training path: dequantize, then multiply
+        plain = layer(x).detach()
+    assert fused.dtype == plain.dtype == dtype
+    error = lambda y: float((y.double() - exact).abs().max() / exact.abs().max())  # noqa: E731
+    tolerance = 1e-6 if dtype == torch.float32 else 8e-3  # (bf16: the output's own rounding)
+    assert error(fused) <= tolerance and error(plain) <= tolerance
+    if used and dtype == torch.float32:
+        assert not torch.equal(fused, plain) or rows == 1  # the C path did run: another order of the sums
+
+
+def test_few_rows_are_not_taken_with_gradients_or_by_other_formats():
+    from loraq.quant.schemes.intk import IntRTN
+
+    layer = IntRTN(3, 32).quantize_layer("x", torch.randn(8, 64), None)  # INT3: no C loop
+    assert layer.few_rows(torch.randn(1, 64), torch.float32) is None
+    int4 = IntRTN(4, 32).quantize_layer("x", torch.randn(8, 64), None)
+    assert int4.few_rows(torch.randn(17, 64), torch.float32) is None  # more rows than FEW_ROWS
+    assert int4.few_rows(torch.randn(5, 64), torch.bfloat16) is None
+    assert int4.few_rows(torch.randn(2, 64), torch.float32) is not None

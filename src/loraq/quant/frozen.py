@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import gguf_blocks
+from . import native
 from .intk import check_bits_and_group, dequantize_packed, pack_rows, unpack_codes
-from .nf4 import NF4State, dequantize_4bit
+from .nf4 import NF4State, code_4bit, dequantize_4bit
 from .workspace import Workspace
 
 MIN_TRITON = (3, 0)
@@ -146,9 +147,16 @@ class FrozenQuantized(nn.Module):
         """The weight, (out, in), in `dtype`: a fresh tensor, or a view of a workspace buffer."""
         raise NotImplementedError
 
+    def few_rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """x @ Wᵀ in fp32 without forming the weight, for a few rows on a CPU (quant/native.c) where that beats
+        dequantizing for a matmul in `dtype`; None where the layer's format or the input does not allow it."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = matmul_dtype(x)
-        y = _FrozenMatmul.apply(x.to(dtype), self)
+        # decoding a token at a time (no gradient): multiply by the codes in C instead of dequantizing first
+        y = None if torch.is_grad_enabled() else self.few_rows(x, dtype)
+        y = _FrozenMatmul.apply(x.to(dtype), self) if y is None else y.to(dtype)
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y.to(x.dtype)
@@ -220,6 +228,13 @@ class NF4Linear(FrozenQuantized):
             return kernels.nf4_dequantize(self.packed, self.state(), dtype, out)
         return dequantize_4bit(self.packed, self.state(), dtype, workspace)
 
+    def few_rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        if not native.gemv_usable(x, dtype, self.in_features, self.blocksize):
+            return None
+        state = self.state()
+        code = code_4bit(self.quant_type)
+        return native.nf4_gemv(x, self.packed, state.block_absmax(), code, self.blocksize, self.out_features)
+
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.quant_type}, blocksize={self.blocksize}"
 
@@ -261,6 +276,11 @@ class IntLinear(FrozenQuantized):
 
     def dequantize(self, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None) -> torch.Tensor:
         return self._dequantize(self.scale, self.offset, dtype, workspace)
+
+    def few_rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.bits != 4 or not native.gemv_usable(x, dtype, self.in_features, self.group_size):
+            return None
+        return native.int4_gemv(x, self.packed, self.scale, self.offset, self.group_size, self.out_features)
 
     def _dequantize(self, scale, offset, dtype, workspace) -> torch.Tensor:
         kernels = _kernels_for(self.packed)

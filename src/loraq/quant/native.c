@@ -120,3 +120,99 @@ NF4_FN(nf4_bf16, uint16_t, to_bf16, store16_bf16)
 
 INT4_FN(int4_f32, float, AS_FLOAT, store16_f32)
 INT4_FN(int4_bf16, uint16_t, to_bf16, store16_bf16)
+
+/* Few rows (decoding a token at a time): y[r, o] = sum_i x[r, i] * W[o, i] for output rows [o_start, o_stop),
+   the weight decoded 32 values at a time in registers and never written. x is fp32 (rows, in), y fp32 with row
+   stride `out`. Each 32-value chunk lies in one NF4 block or INT4 group (in, blocksize / group multiples of 32):
+   the values are exactly the dequantized weight's; only the order of the sums differs from a matmul. */
+#define MAX_ROWS 16
+
+static inline void dot_chunk(const float *w, const float *x, int64_t in, int64_t rows, float *acc) {
+    for (int64_t r = 0; r < rows; ++r) {
+        float s = 0.0f;
+        for (int k = 0; k < 32; ++k) s += w[k] * x[r * in + k];
+        acc[r] += s;
+    }
+}
+
+#if defined(__AVX512F__)
+/* acc[r] += w0·x[r, 0:16] + w1·x[r, 16:32], in 16 lanes per row, reduced at the end of the row */
+#define GEMV_ROWS(w0, w1, xs)                                                                \
+    for (int64_t r = 0; r < rows; ++r) {                                                     \
+        lanes[r] = _mm512_fmadd_ps((w0), _mm512_loadu_ps((xs) + r * in), lanes[r]);          \
+        lanes[r] = _mm512_fmadd_ps((w1), _mm512_loadu_ps((xs) + r * in + 16), lanes[r]);     \
+    }
+#endif
+
+void nf4_gemv(const uint8_t *packed, const float *absmax, const float *code, int64_t blocksize, int64_t in,
+              const float *x, int64_t rows, int64_t o_start, int64_t o_stop, float *y, int64_t out) {
+    for (int64_t o = o_start; o < o_stop; ++o) {
+        const int64_t row = o * in;
+#if defined(__AVX512F__)
+        __m512 lanes[MAX_ROWS];
+        for (int64_t r = 0; r < rows; ++r) lanes[r] = _mm512_setzero_ps();
+        const __m512 table = _mm512_loadu_ps(code);
+        const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+        for (int64_t i = 0; i < in; i += 32) {
+            const __m512 a = _mm512_set1_ps(absmax[(row + i) / blocksize]);
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(packed + (row + i) / 2)));
+            __m512 high = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), a);
+            __m512 low = _mm512_mul_ps(_mm512_permutexvar_ps(bytes, table), a);
+            __m512 w0 = _mm512_permutex2var_ps(high, lo_idx, low), w1 = _mm512_permutex2var_ps(high, hi_idx, low);
+            GEMV_ROWS(w0, w1, x + i)
+        }
+        for (int64_t r = 0; r < rows; ++r) y[r * out + o] = _mm512_reduce_add_ps(lanes[r]);
+#else
+        float acc[MAX_ROWS] = {0}, w[32];
+        for (int64_t i = 0; i < in; i += 32) {
+            const float a = absmax[(row + i) / blocksize];
+            const uint8_t *p = packed + (row + i) / 2;
+            for (int k = 0; k < 16; ++k) {
+                w[2 * k] = code[p[k] >> 4] * a;
+                w[2 * k + 1] = code[p[k] & 15] * a;
+            }
+            dot_chunk(w, x + i, in, rows, acc);
+        }
+        for (int64_t r = 0; r < rows; ++r) y[r * out + o] = acc[r];
+#endif
+    }
+}
+
+void int4_gemv(const uint8_t *packed, const float *scale, const float *offset, int64_t group, int64_t in,
+               const float *x, int64_t rows, int64_t o_start, int64_t o_stop, float *y, int64_t out) {
+    for (int64_t o = o_start; o < o_stop; ++o) {
+        const int64_t row = o * in;
+#if defined(__AVX512F__)
+        __m512 lanes[MAX_ROWS];
+        for (int64_t r = 0; r < rows; ++r) lanes[r] = _mm512_setzero_ps();
+        const __m512i nibble = _mm512_set1_epi32(15);
+        const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+        for (int64_t i = 0; i < in; i += 32) {
+            const int64_t g = (row + i) / group;
+            const __m512 s = _mm512_set1_ps(scale[g]), m = _mm512_set1_ps(offset[g]);
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(packed + (row + i) / 2)));
+            __m512 low = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, nibble)), s), m);
+            __m512 high = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), s), m);
+            __m512 w0 = _mm512_permutex2var_ps(low, lo_idx, high), w1 = _mm512_permutex2var_ps(low, hi_idx, high);
+            GEMV_ROWS(w0, w1, x + i)
+        }
+        for (int64_t r = 0; r < rows; ++r) y[r * out + o] = _mm512_reduce_add_ps(lanes[r]);
+#else
+        float acc[MAX_ROWS] = {0}, w[32];
+        for (int64_t i = 0; i < in; i += 32) {
+            const int64_t g = (row + i) / group;
+            const float s = scale[g], m = offset[g];
+            const uint8_t *p = packed + (row + i) / 2;
+            for (int k = 0; k < 16; ++k) {
+                float v0 = (float)(p[k] & 15) * s, v1 = (float)(p[k] >> 4) * s;
+                w[2 * k] = v0 + m;
+                w[2 * k + 1] = v1 + m;
+            }
+            dot_chunk(w, x + i, in, rows, acc);
+        }
+        for (int64_t r = 0; r < rows; ++r) y[r * out + o] = acc[r];
+#endif
+    }
+}

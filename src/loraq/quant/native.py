@@ -60,6 +60,10 @@ def load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = [pointer, pointer, pointer, size, size, size, pointer]
         fn.restype = None
+    for name in ("nf4_gemv", "int4_gemv"):
+        fn = getattr(lib, name)
+        fn.argtypes = [pointer, pointer, pointer, size, size, pointer, size, size, size, pointer, size]
+        fn.restype = None
     return lib
 
 
@@ -127,6 +131,52 @@ def int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group:
     _split(fn, out, group, packed.contiguous(), scale.float().contiguous(), offset.float().contiguous(), group)
 
 
+# Rows (tokens) up to which a frozen layer multiplies by its codes without forming the weight (at most MAX_ROWS
+# in native.c). Measured (bench/dequantize.py --gemv): against dequantize-then-matmul the C loop takes 0.1-0.3x
+# the time in fp32 up to 16 rows; in bf16, where the matmul itself is fast, 0.2-0.7x up to 4 rows and up to
+# 1.5x at 16.
+FEW_ROWS = {torch.float32: 16, torch.bfloat16: 4, torch.float16: 4}
+
+
+def gemv_usable(x: torch.Tensor, dtype: torch.dtype, in_features: int, unit: int) -> bool:
+    """Whether the `*_gemv` functions take x (..., in) for a matmul in `dtype`: a few rows on a CPU, and chunks
+    of 32 values inside each block / group."""
+    return (
+        x.device.type == "cpu"
+        and x.numel() <= FEW_ROWS.get(dtype, 0) * in_features
+        and in_features % 32 == 0
+        and unit % 32 == 0
+        and enabled()
+    )
+
+
+def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+             out_features: int) -> torch.Tensor:  # fmt: skip
+    """x (..., in) times the NF4 weight's transpose, in fp32, the weight decoded in registers and never written."""
+    return _gemv(library().nf4_gemv, x, out_features, packed.contiguous(), absmax.float().contiguous(),
+                 code.float().contiguous(), blocksize)  # fmt: skip
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
+              out_features: int) -> torch.Tensor:  # fmt: skip
+    """x (..., in) times the INT4 weight's transpose, in fp32, the weight decoded in registers and never written."""
+    return _gemv(library().int4_gemv, x, out_features, packed.contiguous(), scale.float().contiguous(),
+                 offset.float().contiguous(), group)  # fmt: skip
+
+
+def _gemv(fn, x: torch.Tensor, out_features: int, *args) -> torch.Tensor:
+    in_features = x.shape[-1]
+    x2 = x.reshape(-1, in_features).float().contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(rows, out_features)
+    head = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    threads = torch.get_num_threads() if out_features * in_features >= SERIAL_BELOW else 1
+    per = -(-out_features // threads)
+    _parallel([(fn, *head, in_features, x2.data_ptr(), rows, o, min(out_features, o + per), y.data_ptr(), out_features)
+               for o in range(0, out_features, per)])  # fmt: skip
+    return y.view(*x.shape[:-1], out_features)
+
+
 def _split(fn, out: torch.Tensor, unit: int, *args) -> None:
     """fn(*pointers, start, stop, out + start) over runs of whole units, one per thread; the tensors stay
     referenced here until every thread is done with them."""
@@ -138,12 +188,16 @@ def _split(fn, out: torch.Tensor, unit: int, *args) -> None:
     threads = torch.get_num_threads() if n >= SERIAL_BELOW else 1
     units = -(-n // unit)
     per = -(-units // threads) * unit
-    runs = [(start, min(n, start + per)) for start in range(0, n, per)]
     size, base = out.element_size(), out.data_ptr()
-    if len(runs) == 1:
-        fn(*pointers, 0, n, base)
+    _parallel([(fn, *pointers, a, min(n, a + per), base + a * size) for a in range(0, n, per)])
+
+
+def _parallel(calls: list[tuple]) -> None:
+    """Each (fn, *args) on a thread of the pool (one call: in this thread); returns when all are done."""
+    if len(calls) == 1:
+        calls[0][0](*calls[0][1:])
         return
-    for f in [_pool(threads).submit(fn, *pointers, a, b, base + a * size) for a, b in runs]:
+    for f in [_pool(len(calls)).submit(*call) for call in calls]:
         f.result()
 
 
