@@ -26,14 +26,28 @@ static inline void store16_bf16(uint16_t *o, __m512 v) {
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
     _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi32_epi16(r));
 }
-/* 32 values from 16 bytes: first[k] of byte k, then second[k], interleaved as first0 second0 first1 ... */
-#define INTERLEAVE_STORE(STORE16, o, first, second)                                         \
-    do {                                                                                     \
-        const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0); \
-        const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8); \
-        STORE16((o), _mm512_permutex2var_ps((first), lo_idx, (second)));                      \
-        STORE16((o) + 16, _mm512_permutex2var_ps((first), hi_idx, (second)));                 \
-    } while (0)
+/* 32 values from 16 bytes, in stream order (w0: values 0-15, w1: 16-31), from first[k] and second[k], the
+   two values of byte k */
+static inline void interleave(__m512 first, __m512 second, __m512 *w0, __m512 *w1) {
+    const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    *w0 = _mm512_permutex2var_ps(first, lo_idx, second);
+    *w1 = _mm512_permutex2var_ps(first, hi_idx, second);
+}
+/* NF4: code[nibble] * a, the high nibble first (the index's low 4 bits pick from the 16-entry table) */
+static inline void nf4_chunk(const uint8_t *p, __m512 table, __m512 a, __m512 *w0, __m512 *w1) {
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    __m512 high = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), a);
+    __m512 low = _mm512_mul_ps(_mm512_permutexvar_ps(bytes, table), a);
+    interleave(high, low, w0, w1);
+}
+/* INT4: code * s, then + m (two roundings), the low nibble first */
+static inline void int4_chunk(const uint8_t *p, __m512 s, __m512 m, __m512 *w0, __m512 *w1) {
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
+    __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+    interleave(_mm512_add_ps(_mm512_mul_ps(low, s), m), _mm512_add_ps(_mm512_mul_ps(high, s), m), w0, w1);
+}
 #endif
 
 #define AS_FLOAT(v) (v)
@@ -65,10 +79,10 @@ static inline void store16_bf16(uint16_t *o, __m512 v) {
     {                                                                                        \
         const __m512 table = _mm512_loadu_ps(code), av = _mm512_set1_ps(a);                  \
         for (; j + 16 <= pairs; j += 16) {                                                   \
-            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + j)));  \
-            __m512 high = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), av); \
-            __m512 low = _mm512_mul_ps(_mm512_permutexvar_ps(bytes, table), av); /* (uses the index's low 4 bits) */ \
-            INTERLEAVE_STORE(STORE16, o + 2 * j, high, low);                                 \
+            __m512 w0, w1;                                                                   \
+            nf4_chunk(p + j, table, av, &w0, &w1);                                           \
+            STORE16(o + 2 * j, w0);                                                          \
+            STORE16(o + 2 * j + 16, w1);                                                     \
         }                                                                                    \
     }
 #else
@@ -104,14 +118,11 @@ NF4_FN(nf4_bf16, uint16_t, to_bf16, store16_bf16)
 #define VEC_INT4(STORE16)                                                                    \
     {                                                                                        \
         const __m512 sv = _mm512_set1_ps(s), mv = _mm512_set1_ps(m);                         \
-        const __m512i nibble = _mm512_set1_epi32(15);                                        \
         for (; j + 16 <= group / 2; j += 16) {                                               \
-            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + j)));  \
-            __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, nibble));                \
-            __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));                   \
-            low = _mm512_add_ps(_mm512_mul_ps(low, sv), mv);                                 \
-            high = _mm512_add_ps(_mm512_mul_ps(high, sv), mv);                               \
-            INTERLEAVE_STORE(STORE16, o + 2 * j, low, high);                                 \
+            __m512 w0, w1;                                                                   \
+            int4_chunk(p + j, sv, mv, &w0, &w1);                                             \
+            STORE16(o + 2 * j, w0);                                                          \
+            STORE16(o + 2 * j + 16, w1);                                                     \
         }                                                                                    \
     }
 #else
@@ -152,14 +163,9 @@ void nf4_gemv(const uint8_t *packed, const float *absmax, const float *code, int
         __m512 lanes[MAX_ROWS];
         for (int64_t r = 0; r < rows; ++r) lanes[r] = _mm512_setzero_ps();
         const __m512 table = _mm512_loadu_ps(code);
-        const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-        const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
         for (int64_t i = 0; i < in; i += 32) {
-            const __m512 a = _mm512_set1_ps(absmax[(row + i) / blocksize]);
-            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(packed + (row + i) / 2)));
-            __m512 high = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), a);
-            __m512 low = _mm512_mul_ps(_mm512_permutexvar_ps(bytes, table), a);
-            __m512 w0 = _mm512_permutex2var_ps(high, lo_idx, low), w1 = _mm512_permutex2var_ps(high, hi_idx, low);
+            __m512 w0, w1;
+            nf4_chunk(packed + (row + i) / 2, table, _mm512_set1_ps(absmax[(row + i) / blocksize]), &w0, &w1);
             GEMV_ROWS(w0, w1, x + i)
         }
         for (int64_t r = 0; r < rows; ++r) y[r * out + o] = _mm512_reduce_add_ps(lanes[r]);
@@ -186,16 +192,10 @@ void int4_gemv(const uint8_t *packed, const float *scale, const float *offset, i
 #if defined(__AVX512F__)
         __m512 lanes[MAX_ROWS];
         for (int64_t r = 0; r < rows; ++r) lanes[r] = _mm512_setzero_ps();
-        const __m512i nibble = _mm512_set1_epi32(15);
-        const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-        const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
         for (int64_t i = 0; i < in; i += 32) {
             const int64_t g = (row + i) / group;
-            const __m512 s = _mm512_set1_ps(scale[g]), m = _mm512_set1_ps(offset[g]);
-            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(packed + (row + i) / 2)));
-            __m512 low = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, nibble)), s), m);
-            __m512 high = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), s), m);
-            __m512 w0 = _mm512_permutex2var_ps(low, lo_idx, high), w1 = _mm512_permutex2var_ps(low, hi_idx, high);
+            __m512 w0, w1;
+            int4_chunk(packed + (row + i) / 2, _mm512_set1_ps(scale[g]), _mm512_set1_ps(offset[g]), &w0, &w1);
             GEMV_ROWS(w0, w1, x + i)
         }
         for (int64_t r = 0; r < rows; ++r) y[r * out + o] = _mm512_reduce_add_ps(lanes[r]);
