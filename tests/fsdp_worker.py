@@ -2,8 +2,9 @@
 `torchrun --nproc-per-node 2` (gloo): the same code either way, so the two can be compared.
 
     python tests/fsdp_worker.py train OUT METHOD [JSON options]     loraq.train on the tiny model (METHOD: lora,
-        qlora, qalora, constants, gguf, gptq, qlora-untied, saved-nf4, saved-int4, qdora, qadora), then per-rank storage
-        (OUT/storage-rankN.json) and the whole quantized base gathered from the shards (OUT/base.safetensors)
+        qlora, qalora, constants, gguf, gptq, qlora-untied, saved-nf4, saved-int4, and with DoRA dora, qdora,
+        qadora), then per-rank storage (OUT/storage-rankN.json) and the whole quantized base gathered from the
+        shards (OUT/base.safetensors)
     python tests/fsdp_worker.py cli FAULT STEP [loraq args...]      the `loraq` command, with rank 1 killed
         (FAULT kill) or raising a LoraqError (FAULT raise) after optimizer step STEP
 """
@@ -68,7 +69,7 @@ def train_and_report(out: Path, method: str, flags: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name, model, tokenizer = _tiny(method, out)
     options = dict(model=name, data=str(E2E_TINY), out=str(out / "run"), device="cpu", rank=4, warmup_steps=1)
-    named = {"qlora-untied": "qlora", "saved-nf4": "qlora", "saved-int4": "qalora", "qdora": "qlora"}
+    named = {"qlora-untied": "qlora", "saved-nf4": "qlora", "saved-int4": "qalora", "dora": "lora", "qdora": "qlora"}
     options |= {"method": named.get(method, method if "lora" in method else "qalora")}
     if method == "constants":
         options["train_constants"] = "both"

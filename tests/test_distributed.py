@@ -24,19 +24,8 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS":
 # fp32: the processes sum in another order than one process does; bf16 autocast's rounding would hide the
 # 1e-6 agreement these tests check (a CPU with native bf16 otherwise trains in bf16)
 OPTIONS = {"steps": 4, "batch_size": 4, "eval_every": 2, "save_every": 2, "lr": 2e-3, "compute_dtype": "fp32"}
-METHODS = [
-    "lora",
-    "qlora",
-    "qalora",
-    "constants",
-    "gguf",
-    "gptq",
-    "qlora-untied",
-    "saved-nf4",
-    "saved-int4",
-    "qdora",
-    "qadora",
-]
+METHODS = ["lora", "qlora", "qalora", "constants", "gguf", "gptq", "qlora-untied", "saved-nf4", "saved-int4", "dora",
+           "qdora", "qadora"]  # fmt: skip
 
 
 def launch(args: list[str], processes: int, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -63,7 +52,8 @@ def worker_run(out: Path, method: str, processes: int, **options) -> Path:
 PER_METHOD = {
     "lora": {"val_data": str(FIXTURES / "e2e_val3.json"), "eval_batch_size": 1},
     "constants": {"batch_size": 2, "grad_accum": 2},
-    "qdora": {"dora": True},  # the magnitudes start from the base's rows once they are loaded into the shards
+    "dora": {"dora": True},  # the magnitudes start from the base's rows once they are loaded into the shards
+    "qdora": {"dora": True},
     "qadora": {"dora": True},
 }
 
