@@ -87,11 +87,15 @@ def build(extra: tuple[str, ...] = (), folder: Path | None = None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".dequantize-", suffix=".so", dir=target.parent)
         os.close(fd)
-        done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
-        if done.returncode == 0:
-            os.replace(tmp, target)  # (complete or absent: two processes building at once both succeed)
-            return target
-        os.unlink(tmp)
+        try:
+            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                  timeout=120)  # fmt: skip
+            if done.returncode == 0:
+                os.replace(tmp, target)  # (complete or absent: two processes building at once both succeed)
+                return target
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
     raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {errors[-1][0]}")
 
