@@ -211,10 +211,10 @@ def _run(args: argparse.Namespace) -> int:
             raise LoraqError("--batch-size and --seq-len must be >= 1, --rank >= 0 and --loss-fraction in (0, 1]")
         if args.compute_dtype not in ("auto", "fp32", "bf16"):
             raise LoraqError(f"--compute-dtype must be auto, fp32 or bf16, got {args.compute_dtype!r}")
-        if args.compute_dtype == "auto":
-            from .device import cpu_supports_bf16
+        if args.compute_dtype == "auto":  # (plan asks no GPU whether it has bf16: it assumes one that does)
+            from .device import auto_compute_dtype
 
-            args.compute_dtype = "bf16" if args.device == "cuda" or cpu_supports_bf16() else "fp32"
+            args.compute_dtype = auto_compute_dtype(args.device)
         options = dict(
             model=args.model, method=args.method, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
             bits=args.bits, group_size=args.group_size, grad_checkpoint=args.grad_checkpoint,

@@ -40,10 +40,7 @@ def resolve_device(config: TrainConfig, rank: int = 0, world: int = 1) -> tuple[
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype_name = config.compute_dtype
     if dtype_name == "auto":
-        if device.type == "cpu":
-            dtype_name = "bf16" if cpu_supports_bf16() else "fp32"
-        else:
-            dtype_name = "bf16" if cuda_bf16 else "fp16"
+        dtype_name = auto_compute_dtype(device.type, cuda_bf16)
     if device.type == "cuda" and dtype_name == "bf16" and not cuda_bf16:
         raise LoraqError(
             f"--compute-dtype bf16: {torch.cuda.get_device_name(device)} has no bf16; use --compute-dtype fp16 "
@@ -57,6 +54,14 @@ def resolve_device(config: TrainConfig, rank: int = 0, world: int = 1) -> tuple[
             "use --compute-dtype fp32"
         )
     return device, _DTYPES[dtype_name]
+
+
+def auto_compute_dtype(device_type: str, cuda_bf16: bool = True) -> str:
+    """What --compute-dtype auto means on `device_type`: on CUDA bf16 autocast (fp16 with loss scaling on a GPU
+    without bf16, `cuda_bf16` False); on a CPU bf16 where it computes bf16 natively, else fp32."""
+    if device_type == "cpu":
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return "bf16" if cuda_bf16 else "fp16"
 
 
 def cpu_supports_bf16() -> bool:

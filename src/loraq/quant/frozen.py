@@ -30,7 +30,7 @@ from ..formats import gguf_blocks
 from . import native
 from .intk import check_bits_and_group, dequantize_packed, pack_rows, unpack_codes
 from .nf4 import NF4State, code_4bit, dequantize_4bit
-from .workspace import Workspace
+from .workspace import Workspace, output
 
 MIN_TRITON = (3, 0)
 
@@ -54,10 +54,6 @@ def cuda_kernels():
 
 def _kernels_for(t: torch.Tensor):
     return cuda_kernels() if t.is_cuda else None
-
-
-def _out_buffer(workspace: Workspace | None, numel: int, dtype: torch.dtype, device) -> torch.Tensor | None:
-    return workspace.get(workspace.output, numel, dtype, device) if workspace is not None else None
 
 
 class _FrozenMatmul(torch.autograd.Function):
@@ -224,7 +220,7 @@ class NF4Linear(FrozenQuantized):
     def dequantize(self, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None) -> torch.Tensor:
         kernels = _kernels_for(self.packed)
         if kernels is not None:
-            out = _out_buffer(workspace, self.in_features * self.out_features, dtype, self.packed.device)
+            out = output(workspace, self.in_features * self.out_features, dtype, self.packed.device)
             return kernels.nf4_dequantize(self.packed, self.state(), dtype, out)
         return dequantize_4bit(self.packed, self.state(), dtype, workspace)
 
@@ -285,7 +281,7 @@ class IntLinear(FrozenQuantized):
     def _dequantize(self, scale, offset, dtype, workspace) -> torch.Tensor:
         kernels = _kernels_for(self.packed)
         if kernels is not None:
-            out = _out_buffer(workspace, self.in_features * self.out_features, dtype, self.packed.device)
+            out = output(workspace, self.in_features * self.out_features, dtype, self.packed.device)
             return kernels.int_dequantize(self.packed, self.bits, scale, offset, dtype, out)
         return dequantize_packed(self.packed, self.bits, scale, offset, dtype, workspace)
 
