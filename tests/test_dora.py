@@ -204,3 +204,49 @@ def test_peft_dora_from_transformers_gguf_model_loads_onto_the_files_codes(tmp_p
     ours = loraq.load_adapter(ours, tmp_path / "ad")
     assert not close(logits(ours, tokens), logits(model, tokens), 1e-2)  # the adapter does change the logits
     assert close(logits(ours.eval(), tokens), logits(peft_model.eval(), tokens))
+
+
+def test_dora_gradients_equal_peft_s(tiny_model_dir, tmp_path):
+    """PEFT's DoRA and loraq's, the same adapter, one loss: the same gradients for A, B, the magnitudes (fp32)."""
+    base, _ = loraq.load_model(tiny_model_dir)
+    tokens = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(1))
+    config = PeftConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    randomize(peft_model, seed=3)
+    peft_model.save_pretrained(tmp_path / "ad")
+    ours = loraq.load_adapter(base, tmp_path / "ad")
+    for model in (ours, peft_model):
+        model.train()
+        model(tokens, labels=tokens).loss.backward()
+    theirs = [(m.lora_A["default"].weight.grad, m.lora_B["default"].weight.grad,
+               m.lora_magnitude_vector["default"].weight.grad)
+              for m in peft_model.modules() if hasattr(m, "lora_magnitude_vector")]  # fmt: skip
+    adapters = [a for layer in lora_layers(ours).values() for a in layer.adapters.values()]
+    mine = [(a.A.grad, a.B.grad, a.magnitude.grad) for a in adapters]
+    assert len(mine) == len(theirs) == 6
+    for got, want in zip(mine, theirs):
+        for g, w in zip(got, want):
+            assert close(g, w, 1e-5)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_scaled_sum_is_autograds_formula(dtypes):
+    """DoRA's fused k·(base + update): the values and gradients of the plain formula (autocast's mixed case:
+    16-bit base and update, fp32 k), and float64 gradcheck."""
+    from loraq.core.lora import _ScaledSum
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, 8, generator=g).to(dtypes[0]).requires_grad_()
+    update = torch.randn(3, 5, 8, generator=g).to(dtypes[1]).requires_grad_()
+    k = torch.rand(8, generator=g).add(0.5).requires_grad_()
+    grad = torch.randn(3, 5, 8, generator=g)
+    got = _ScaledSum.apply(k, base, update)
+    want = k * (base.float() + update.float())
+    assert torch.equal(got, want)
+    got_grads = torch.autograd.grad(got, (k, base, update), grad)
+    want_grads = torch.autograd.grad(want, (k, base, update), grad)
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    args = [t.detach().double().requires_grad_() for t in (k, base, update)]
+    assert torch.autograd.gradcheck(_ScaledSum.apply, args)
+    assert torch.autograd.gradcheck(lambda k, b: _ScaledSum.apply(k, b, None), args[:2])

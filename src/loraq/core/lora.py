@@ -100,16 +100,18 @@ class LoraAdapter(nn.Module):
         # Scale the r-wide intermediate rather than the out-wide result: same value, fewer multiplies.
         return F.linear(F.linear(x, self.A) * self.scaling, self.B)
 
+    @torch.no_grad()
     def dora_norm(self, w0_a: torch.Tensor | None) -> torch.Tensor:
         """||(W0 + ΔW)[o]|| for every output row, fp32, from ||W0[o]||² (`base_norm_sq`) and `w0_a`, the base's
         weight times the expanded A, (r, out) = A·W0ᵀ (None at rank 0):
-        ||W0 + ΔW||² = ||W0||² + 2s·Σ_r B[o,r]·(A·W0ᵀ)[r,o] + s²·(B·(A·Aᵀ)·Bᵀ)[o,o]."""
+        ||W0 + ΔW||² = ||W0||² + Σ_r B[o,r]·(2s·(A·W0ᵀ)[r,o] + s²·(B·(A·Aᵀ))[o,r]). Detached, as PEFT's."""
         norm_sq = self.base_norm_sq
         if self.r and w0_a is not None:
-            a, b = self.expanded_A(), self.B.detach().float()
-            cross = (b * w0_a.detach().float().T).sum(dim=1)
-            own = ((b @ (a @ a.T)) * b).sum(dim=1)
-            norm_sq = norm_sq + 2 * self.scaling * cross + self.scaling**2 * own
+            a, b = self.A.float(), self.B.float()
+            # the expanded A repeats each pooled column `pool` times, times pool_scale: its A·Aᵀ is this
+            gram = (a @ a.T) * (self.pool * self.pool_scale**2)
+            terms = torch.addmm(w0_a.float().T, b, gram, beta=2 * self.scaling, alpha=self.scaling**2)
+            norm_sq = norm_sq + (b * terms).sum(dim=1)
         return norm_sq.clamp(min=0).sqrt()
 
     def adapted_norms(self, w0: torch.Tensor) -> torch.Tensor:
@@ -141,6 +143,30 @@ class LoraAdapter(nn.Module):
         pooling), so that a plain LoRA computes what the pooled adapter computes."""
         a = self.A.detach().float()
         return a.repeat_interleave(self.pool, dim=1) * self.pool_scale if self.pool > 1 else a
+
+
+class _ScaledSum(torch.autograd.Function):
+    """y = k·(base + update) in k's dtype, k one factor per output column (DoRA's row scale), `update` None or
+    the adapter's output. The same values as autograd's cast, cast, add and multiply, with fewer passes over the
+    (tokens, out) tensors, which is most of what DoRA adds to a CPU step: the sum is kept for k's gradient, and
+    base and update share one gradient instead of two casts of it."""
+
+    @staticmethod
+    def forward(ctx, k: torch.Tensor, base: torch.Tensor, update: torch.Tensor | None) -> torch.Tensor:
+        total = base.to(k.dtype) if update is None else base.to(k.dtype) + update.to(k.dtype)
+        ctx.dtypes = (base.dtype, None if update is None else update.dtype)
+        ctx.save_for_backward(k, total if ctx.needs_input_grad[0] else None)
+        return total * k
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        k, total = ctx.saved_tensors
+        grad_k = (grad * total).sum(dim=tuple(range(grad.dim() - 1))) if total is not None else None
+        scaled = grad * k if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None
+        base_dtype, update_dtype = ctx.dtypes
+        grad_base = scaled.to(base_dtype) if ctx.needs_input_grad[1] else None
+        grad_update = scaled.to(update_dtype) if ctx.needs_input_grad[2] else None
+        return grad_k, grad_base, grad_update
 
 
 class LoraLinear(nn.Module):
@@ -238,14 +264,15 @@ class LoraLinear(nn.Module):
             base_d, w0_a = self._base_and_rows(dropped, adapter.expanded_A().to(x.device))
         else:
             base_d = self.base(dropped)
-        base_d = base_d.to(out_dtype)
         k = (adapter.magnitude / adapter.dora_norm(w0_a).to(adapter.magnitude.device)).to(out_dtype)
-        no_bias = base_d if bias is None else base_d - bias.to(out_dtype)
-        update = adapter.update(dropped).to(out_dtype) if adapter.r else 0.0
+        no_bias = base_d if bias is None else base_d.to(out_dtype) - bias.to(out_dtype)
+        update = adapter.update(dropped) if adapter.r else None
         if no_dropout:  # one product
-            return k * (no_bias + update) + (0.0 if bias is None else bias.to(out_dtype))
-        y = self.base(x).to(out_dtype)
-        return y + (k - 1) * no_bias + k * update
+            y = _ScaledSum.apply(k, no_bias, update)
+            return y if bias is None else y + bias.to(out_dtype)
+        no_bias = no_bias.to(out_dtype)
+        y = self.base(x).to(out_dtype) + (k - 1) * no_bias
+        return y if update is None else y + k * update.to(out_dtype)
 
     def _base_and_rows(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(base(x), rows·W0ᵀ): a quantized base dequantizes once for both."""
