@@ -10,8 +10,10 @@ the embedding and head are 49152 x 4096). Random weights train exactly as fast a
 
 loraq runs through `loraq train` (the real command) on plain-text records of E2E descriptions cut at 512 tokens,
 the loss on every token, a one-record validation file so that evaluation costs seconds; `-mmapN` setups add
-`--mmap-threshold-mb N`. Its run summary gives peak RSS, the process's own (anonymous) memory apart from mapped
-file pages, and load time; metrics.jsonl the step times. PEFT + bitsandbytes loads the same folder with NF4 +
+`--mmap-threshold-mb N`; `-nocache` setups `--base-cache off` (otherwise the first loraq run of a method writes its
+quantized base to $LORAQ_CACHE/bases and every later one maps it: run a setup twice to see both). Its run
+summary gives peak RSS, the process's own (anonymous) memory apart from mapped file pages, and load time;
+metrics.jsonl the step times. PEFT + bitsandbytes loads the same folder with NF4 +
 double quantization and fp32 compute (loraq's CPU numerics), r=16 on all 7 projections, and takes AdamW steps on
 the first record's 512 tokens; its memory is sampled the same way (host_memory.py). `loraq plan` is asked for
 the same run and set beside the measured peak. Writes bench/results/big_model.json.
@@ -109,14 +111,14 @@ def write_data(work: Path) -> tuple[Path, Path]:
 
 
 def run_loraq(
-    method: str, folder: Path, steps: int, work: Path, data: tuple[Path, Path], mmap_mb: int, dtype: str
+    method: str, folder: Path, steps: int, work: Path, data: tuple[Path, Path], mmap_mb: int, dtype: str, cache: str
 ) -> dict:
     out = work / f"run-{method}"
     train, val = data
     cmd = [str(ROOT / ".venv/bin/loraq"), "train", "--model", str(folder), "--method", method, "--steps", str(steps),
            "--data", str(train), "--val-data", str(val), "--batch-size", "1", "--max-length", "512",
            "--grad-checkpoint", "--warmup-steps", "1", "--rank", "16", "--mmap-threshold-mb", str(mmap_mb),
-           "--compute-dtype", dtype, "--out", str(out), "--overwrite"]  # fmt: skip
+           "--compute-dtype", dtype, "--base-cache", cache, "--out", str(out), "--overwrite"]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -221,9 +223,10 @@ def main() -> None:
         print(f"{setup} ...", flush=True)
         name, bf16, _ = setup.partition("-bf16")  # ...-bf16: bf16 compute (autocast on loraq's side)
         dtype = "bf16" if bf16 else "fp32"
-        if name.startswith("loraq-"):  # loraq-METHOD[-mmapN]: --mmap-threshold-mb N
-            method, _, mmap = name.removeprefix("loraq-").partition("-mmap")
-            result = run_loraq(method, folder, args.steps, work, data, int(mmap or 0), dtype)
+        if name.startswith("loraq-"):  # loraq-METHOD[-mmapN][-nocache]: --mmap-threshold-mb N, --base-cache off
+            cache = "off" if name.endswith("-nocache") else "auto"
+            method, _, mmap = name.removeprefix("loraq-").removesuffix("-nocache").partition("-mmap")
+            result = run_loraq(method, folder, args.steps, work, data, int(mmap or 0), dtype, cache)
             result["plan_mb"] = round(plan_for(method, folder, 512, dtype) / MB)
         else:
             result = run_peft(folder, args.steps, dtype)

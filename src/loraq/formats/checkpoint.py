@@ -199,8 +199,8 @@ class LazyTensors(dict):
 
 
 def read_tensors(folder: Path, lazy: bool) -> tuple[dict[str, torch.Tensor], Path]:
-    """Every tensor of the folder's .safetensors files by name: read now, or (`lazy`) each when first asked
-    for, with plain reads (safetensors_file.py: no file stays mapped while a model loads)."""
+    """Every tensor of the folder's .safetensors files by name: mapped from the files (to be kept as stored), or
+    (`lazy`) read into memory of its own when first asked for (to be converted: no file stays mapped)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise LoraqError(f"{folder}: no .safetensors file")
@@ -210,10 +210,9 @@ def read_tensors(folder: Path, lazy: bool) -> tuple[dict[str, torch.Tensor], Pat
         for key in f.entries:
             handles[key] = f
     where = files[0] if len(files) == 1 else folder
-    tensors = LazyTensors(handles)
     if lazy:
-        return tensors, where
-    return {k: v for k, v in tensors.items()}, where
+        return LazyTensors(handles), where
+    return {k: f.mapped(k) for k, f in handles.items()}, where
 
 
 def skeleton(folder: Path, trust_remote_code: bool) -> nn.Module:

@@ -1,10 +1,12 @@
-"""Read tensors from a .safetensors file with plain reads, never a memory map.
+"""Read tensors from a .safetensors file: with plain reads where they are converted, mapped where kept as is.
 
 safetensors' own `safe_open` maps the whole file: every page a load touches stays resident, counted in the
 process's RSS, until the handle closes. Loading a 7B model's 13 GB of shards that way showed 19 GB peak RSS for
-a fine-tune whose own memory was 7 GB (DESIGN.md §11). Here each tensor (or rows of it) is read into memory of
-its own with `os.preadv`, so the process holds the tensor being quantized and nothing else of the file; what
-the kernel caches of the file is its page cache, not the process's.
+a fine-tune whose own memory was 7 GB (DESIGN.md §11). So a tensor that is converted (quantized, cast) is read
+(`rows`, `get_tensor`) into memory of its own with `os.preadv`: the process holds the tensor being quantized and
+nothing else of the file. A tensor used exactly as stored (a quantized checkpoint's codes and constants) is
+instead a view of a private mapping of the file (`mapped`): its pages are the kernel's page cache, shared and
+reclaimable, never the process's own memory unless written.
 
 The format: 8 bytes little-endian header length N, N bytes of JSON {name: {"dtype", "shape", "data_offsets":
 [begin, end]}, "__metadata__": {...}}, then the data, offsets counted from its start.
@@ -53,6 +55,7 @@ class SafetensorsFile:
             self._bad("the header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start, data_size = 8 + length, size - 8 - length
+        self.size, self._mapping = size, None
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for key, entry in header.items():
             self.entries[key] = self._check(key, entry, data_size)
@@ -89,6 +92,17 @@ class SafetensorsFile:
     def get_tensor(self, key: str) -> torch.Tensor:
         shape = self.shape(key)
         return self.rows(key, 0, shape[0]) if shape else self._read(key, [(0, 1)]).reshape(())
+
+    def mapped(self, key: str) -> torch.Tensor:
+        """`key` as a view of a private (copy-on-write) mapping of the file; read like `get_tensor` if its data
+        is not aligned to its element size."""
+        dtype, shape = self.dtype(key), self.shape(key)
+        begin = self.data_start + self.entries[key][2]
+        if begin % dtype.itemsize or not math.prod(shape):
+            return self.get_tensor(key)
+        if self._mapping is None:
+            self._mapping = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self.size)
+        return torch.empty(0, dtype=dtype).set_(self._mapping, begin // dtype.itemsize, shape)
 
     def rows(self, key: str, start: int, stop: int, dim: int = 0) -> torch.Tensor:
         """Entries start:stop of `key` along `dim` (0, or 1 of a 2-D tensor), read alone from the file."""

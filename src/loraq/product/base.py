@@ -19,8 +19,9 @@ from ..errors import LoraqError
 from ..formats.checkpoint import is_quantized_folder
 from ..quant.intk import relative_error
 from ..quant.schemes import Scheme, scheme_of
+from .base_cache import base_folder, cacheable, load_cached, store
 from .data import ordered_batches
-from .models import load_model, method_scheme
+from .models import load_model, load_tokenizer, method_scheme, model_folder
 from .run_folder import RunFolder
 
 CALIBRATION_EXAMPLES = 256
@@ -34,6 +35,7 @@ def build_base(
     model: nn.Module | None = None,
     tokenizer=None,
     device: torch.device | str = "cpu",
+    base_cache: str = "off",
 ) -> tuple[nn.Module, object, dict[str, float]]:
     """Load (or take) the model and make its base the one `config.method` names.
 
@@ -42,6 +44,8 @@ def build_base(
         model, tokenizer: an already loaded model to quantize in place instead of loading one.
         device: where to quantize (each layer is moved there before it is quantized; the layers not
             quantized stay where they were loaded, for the caller to move).
+        base_cache: "on", "off" or "auto" (sources of 1 GiB or more): keep the quantized base of a local
+            safetensors folder on disk and map it from there, this time and every later time (base_cache.py).
 
     Returns:
         (model, tokenizer, relative reconstruction error ||W - Ŵ||/||W|| of each layer quantized here;
@@ -72,7 +76,19 @@ def build_base(
             errors[name] = relative_error(weight, layer.dequantize())
             return layer
 
-        model, tokenizer = load_model(model_name, quantize_layer=measured if scheme.quantized else None)
+        folder = model_folder(model_name)
+        cached = None
+        if cacheable(folder, scheme, base_cache):
+            cached = base_folder(folder, scheme, torch.device(device).type)
+        found = load_cached(cached) if cached is not None else None
+        if found is not None:
+            (model, errors), tokenizer = found, load_tokenizer(model_name)
+        else:
+            model, tokenizer = load_model(model_name, quantize_layer=measured if scheme.quantized else None)
+        if cached is not None and found is None:
+            store(model, errors, cached)
+            del model  # the copy in memory gives way to the mapped file
+            model, errors = load_cached(cached)
     if errors:
         print(
             f"loraq: base quantized as {scheme.describe()}; relative weight error of the {len(errors)} layers: mean "
@@ -109,5 +125,7 @@ def rebuild_base(run: RunFolder | None, model_name: str, tokenizer) -> tuple[nn.
             from .data import encode_run_data
 
             calibration = encode_run_data(config, tokenizer).train
-    model, tokenizer, _ = build_base(model_name, config.lora, calibration, tokenizer.pad_token_id)
+    model, tokenizer, _ = build_base(
+        model_name, config.lora, calibration, tokenizer.pad_token_id, base_cache=config.base_cache
+    )
     return model, tokenizer

@@ -79,7 +79,7 @@ class TrainResult:
 # run folder moved or copied elsewhere resumes there).
 RESUMABLE_CHANGES = {
     "resume", "overwrite", "save_every", "eval_every", "eval_batch_size", "cpu_offload", "offload_activations",
-    "mmap_threshold_mb", "threads", "out",
+    "mmap_threshold_mb", "threads", "out", "base_cache",
 }  # fmt: skip
 
 
@@ -262,7 +262,7 @@ def _build_model(
                 file=sys.stderr,
             )
         model, _, quant_errors = build_base(
-            config.model, config.lora, calibration, tokenizer.pad_token_id, model, tokenizer, device
+            config.model, config.lora, calibration, tokenizer.pad_token_id, model, tokenizer, device, config.base_cache
         )
         prepare(model)
         model.to(device)

@@ -102,6 +102,11 @@ class TrainConfig:
         "host memory: allocations of at least this many MiB get pages of their own, returned when freed (glibc; "
         "0: the default). 4 cuts a 7B CPU step's peak by a quarter at a few percent of its time",
     )
+    base_cache: str = _opt(
+        "auto",
+        "keep the quantized base of a local safetensors folder on disk ($LORAQ_CACHE/bases) and map it from there "
+        "in this and later runs: on, off, or auto (sources of 1 GiB or more)",
+    )
     threads: int = _opt(
         0, "CPU threads per process (0: torch's default; under torchrun the cores shared among the processes)"
     )
@@ -177,6 +182,10 @@ class TrainConfig:
         check(
             is_int(self.mmap_threshold_mb) and 0 <= self.mmap_threshold_mb <= 32,
             f"--mmap-threshold-mb must be an integer from 0 to 32 (MiB), got {self.mmap_threshold_mb!r}",
+        )
+        check(
+            self.base_cache in ("auto", "on", "off"),
+            f"--base-cache must be auto, on or off, got {self.base_cache!r}",
         )
         check(
             not self.offload_activations or self.grad_checkpoint,

@@ -105,6 +105,5 @@ class IntRTN(Scheme):
             if not torch.isfinite(t).all():
                 raise CorruptTensor(key, "holds NaN or infinite values")
         layer = IntLinear(torch.zeros(out_features, in_features, dtype=torch.uint8), scale, offset, self.bits, bias)
-        with torch.no_grad():
-            layer.packed.copy_(packed.view_as(layer.packed))
+        layer._frozen("packed", packed.view_as(layer.packed))  # the checkpoint's own tensor (a mapped file's view)
         return layer

@@ -1,0 +1,93 @@
+"""The quantized base kept on disk: quantized once, then mapped from the file by every later run.
+
+Quantizing a 7B model's 16-bit shards into NF4 or INT4 takes minutes on a CPU and gives the same bytes every
+time. The first run that builds a base from a local safetensors folder writes it as a quantized checkpoint
+(`save_quantized`'s format) under `$LORAQ_CACHE/bases/`; that run and every later one (training again, resuming,
+merging, exporting, evaluating) load it from there. `load_quantized` maps the file's tensors instead of reading
+them: the frozen codes and constants are then the kernel's page cache, shared by every process that maps the file
+and reclaimable, not the process's own (anonymous) memory — as llama.cpp runs its models. A checkpoint's
+tensors are never written in place except by a merge, which copies the touched pages (a private mapping).
+
+The folder's name hashes what the bytes depend on: the source's files (names, sizes, modification times), the
+scheme's parameters, the device the quantization ran on, and loraq's version. "auto" caches bases whose source
+holds at least `AUTO_MIN_BYTES`; small models quantize in seconds and stay out of the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from ..atomic import atomic_folder
+from ..errors import LoraqError
+from ..formats.checkpoint import is_quantized_folder, load_quantized, write_quantized
+from ..quant.schemes import Scheme
+from .fetch import cache_dir
+
+CHOICES = ("auto", "on", "off")
+AUTO_MIN_BYTES = 2**30
+META = "loraq-base.json"
+
+
+def _source_files(folder: Path) -> list[Path]:
+    return sorted([*folder.glob("*.safetensors"), folder / "config.json"])
+
+
+def cacheable(folder: Path | None, scheme: Scheme, choice: str) -> bool:
+    """Whether a base of `scheme` built from `folder` goes through the cache under the option `choice`."""
+    if choice not in CHOICES:
+        raise LoraqError(f"--base-cache must be one of {', '.join(CHOICES)}, got {choice!r}")
+    if choice == "off" or folder is None or not scheme.quantized or scheme.needs_calibration:
+        return False
+    if not any(folder.glob("*.safetensors")) or is_quantized_folder(folder):
+        return False
+    return choice == "on" or sum(p.stat().st_size for p in folder.glob("*.safetensors")) >= AUTO_MIN_BYTES
+
+
+def base_folder(folder: Path, scheme: Scheme, device_type: str) -> Path:
+    """Where the base of `scheme` built from the safetensors folder `folder` is (or will be) cached."""
+    from .. import __version__  # (the package imports this module while it initializes)
+
+    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _source_files(folder) if p.is_file()]
+    key = {
+        "source": str(folder.resolve()),
+        "files": files,
+        "scheme": scheme.checkpoint_config(),
+        "describe": scheme.describe(),
+        "device": device_type,
+        "loraq": __version__,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_dir() / "bases" / f"{folder.resolve().name}-{digest}"
+
+
+def load_cached(where: Path) -> tuple[nn.Module, dict[str, float]] | None:
+    """The cached base (tensors mapped from its file) and the quantization errors measured when it was built;
+    None if there is none (or an unfinished one, which the next store replaces)."""
+    meta = where / META
+    if not meta.is_file():
+        return None
+    try:
+        recorded = json.loads(meta.read_text(encoding="utf-8"))
+        errors, name = dict(recorded["relative_error"]), recorded["name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"loraq: note: the cached base {where} is unreadable; quantizing again", file=sys.stderr)
+        return None
+    model = load_quantized(where)
+    model.name_or_path = name
+    print(f"loraq: base mapped from the cache {where} (--base-cache off to quantize again)", file=sys.stderr)
+    return model, errors
+
+
+def store(model: nn.Module, errors: dict[str, float], where: Path) -> None:
+    """Write `model`'s quantized base to the cache folder `where`, whole or not at all."""
+    with atomic_folder(where) as tmp:
+        write_quantized(model, None, tmp)
+        record = {"relative_error": errors, "name_or_path": getattr(model, "name_or_path", None)}
+        (tmp / META).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    size = sum(p.stat().st_size for p in where.iterdir()) / 2**30
+    print(f"loraq: quantized base cached in {where} ({size:.2f} GiB); later runs map it", file=sys.stderr)
