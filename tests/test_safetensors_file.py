@@ -94,3 +94,30 @@ def test_not_json_and_too_short(tmp_path: Path):
     (tmp_path / "b.safetensors").write_bytes(b"\x01\x02")
     with pytest.raises(LoraqError, match="b.safetensors: not a readable safetensors file"):
         SafetensorsFile(tmp_path / "b.safetensors")
+
+
+def test_mapped_tensors_equal_read_ones_and_are_views_of_the_file(tmp_path: Path, tensors):
+    """A quantized checkpoint's tensors are kept as stored: views of a private mapping of the file (its pages
+    are page cache), equal to what a read gives; a tensor whose data is not aligned to its element size is read."""
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    f = SafetensorsFile(path)
+    for key in tensors:
+        got = f.mapped(key)
+        assert got.dtype == tensors[key].dtype and torch.equal(got, tensors[key])
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(path) in maps.read_text()
+    odd = _write_raw(
+        tmp_path / "odd.safetensors",
+        {
+            "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]},
+        },
+        b"\x01\x02" + torch.tensor([1.5]).numpy().tobytes(),
+    )
+    g = SafetensorsFile(odd)
+    assert g.mapped("a").tolist() == [1, 2] and g.mapped("b").tolist() == [1.5]
+    private = f.mapped("f32")
+    private.add_(1)  # copy-on-write: the file keeps its bytes
+    assert torch.equal(SafetensorsFile(path).get_tensor("f32"), tensors["f32"])

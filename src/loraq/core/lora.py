@@ -165,7 +165,9 @@ class _ScaledSum(torch.autograd.Function):
         scaled = grad * k if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None
         base_dtype, update_dtype = ctx.dtypes
         grad_base = scaled.to(base_dtype) if ctx.needs_input_grad[1] else None
-        grad_update = scaled.to(update_dtype) if ctx.needs_input_grad[2] else None
+        grad_update = None
+        if ctx.needs_input_grad[2]:
+            grad_update = grad_base if update_dtype == base_dtype and grad_base is not None else scaled.to(update_dtype)
         return grad_k, grad_base, grad_update
 
 

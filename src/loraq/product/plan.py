@@ -95,7 +95,7 @@ class MemoryPlan:
             f"  + gathered blocks {self.gathered / mb:,.0f} MB + activations {self.activations / mb:,.0f} MB "
             f"+ workspace {self.workspace / mb:,.0f} MB + runtime {self.runtime / mb:,.0f} MB",
             f"  -> estimated peak {self.on_device / mb:,.0f} MB on {self.device}"
-            + (f"; host {self.host / mb:,.0f} MB" if self.device != "cpu" else " (the process's own memory)"),
+            + (f"; host {self.host / mb:,.0f} MB" if self.device != "cpu" else " (resident: own + mapped base)"),
             f"  loading: host memory {self.load_host / mb:,.0f} MB per process",
         ]
         if self.device == "cpu":  # DESIGN.md §11, bench/big_model.py: 6,229 vs 10,623 MiB on a 7B QLoRA step
