@@ -124,3 +124,14 @@ def test_a_run_with_the_cache_trains_as_without_and_its_export_maps_the_cache(ti
     assert "cached in" in capsys.readouterr().err
     merge_run(on.out, tmp_path / "merged", dtype="fp32", prompts=2)
     assert "mapped from the cache" in capsys.readouterr().err
+
+
+def test_an_unwritable_cache_leaves_the_base_in_memory(tiny_model_dir, tmp_path, monkeypatch, tokens, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("LORAQ_CACHE", str(blocker))
+    config = loraq.LoraConfig(r=4, method="qlora")
+    model, _, errors = build_base(str(tiny_model_dir), config, base_cache="on")
+    assert "cannot cache the quantized base" in capsys.readouterr().err and errors
+    built, _, _ = build_base(str(tiny_model_dir), config)
+    assert torch.equal(logits(model, tokens), logits(built, tokens))

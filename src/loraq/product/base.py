@@ -85,8 +85,7 @@ def build_base(
             (model, errors), tokenizer = found, load_tokenizer(model_name)
         else:
             model, tokenizer = load_model(model_name, quantize_layer=measured if scheme.quantized else None)
-        if cached is not None and found is None:
-            store(model, errors, cached)
+        if cached is not None and found is None and store(model, errors, cached):
             del model  # the copy in memory gives way to the mapped file
             model, errors = load_cached(cached)
     if errors:

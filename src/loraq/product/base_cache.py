@@ -83,11 +83,17 @@ def load_cached(where: Path) -> tuple[nn.Module, dict[str, float]] | None:
     return model, errors
 
 
-def store(model: nn.Module, errors: dict[str, float], where: Path) -> None:
-    """Write `model`'s quantized base to the cache folder `where`, whole or not at all."""
-    with atomic_folder(where) as tmp:
-        write_quantized(model, None, tmp)
-        record = {"relative_error": errors, "name_or_path": getattr(model, "name_or_path", None)}
-        (tmp / META).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+def store(model: nn.Module, errors: dict[str, float], where: Path) -> bool:
+    """Write `model`'s quantized base to the cache folder `where`, whole or not at all; False (and a note) if
+    it cannot be written (a full disk, a read-only cache): the run goes on with the base in memory."""
+    try:
+        with atomic_folder(where) as tmp:
+            write_quantized(model, None, tmp)
+            record = {"relative_error": errors, "name_or_path": getattr(model, "name_or_path", None)}
+            (tmp / META).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    except OSError as e:
+        print(f"loraq: note: cannot cache the quantized base in {where} ({e}); keeping it in memory", file=sys.stderr)
+        return False
     size = sum(p.stat().st_size for p in where.iterdir()) / 2**30
     print(f"loraq: quantized base cached in {where} ({size:.2f} GiB); later runs map it", file=sys.stderr)
+    return True
