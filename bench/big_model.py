@@ -221,11 +221,11 @@ def main() -> None:
     results = {"cores": os.cpu_count(), "steps": args.steps, "setups": {}}
     for setup in args.setups.split(","):
         print(f"{setup} ...", flush=True)
-        name, bf16, _ = setup.partition("-bf16")  # ...-bf16: bf16 compute (autocast on loraq's side)
+        name, bf16, _ = setup.replace("-nocache", "").partition("-bf16")  # ...-bf16: bf16 compute (autocast)
         dtype = "bf16" if bf16 else "fp32"
         if name.startswith("loraq-"):  # loraq-METHOD[-mmapN][-nocache]: --mmap-threshold-mb N, --base-cache off
-            cache = "off" if name.endswith("-nocache") else "auto"
-            method, _, mmap = name.removeprefix("loraq-").removesuffix("-nocache").partition("-mmap")
+            cache = "off" if "-nocache" in setup else "auto"
+            method, _, mmap = name.removeprefix("loraq-").partition("-mmap")
             result = run_loraq(method, folder, args.steps, work, data, int(mmap or 0), dtype, cache)
             result["plan_mb"] = round(plan_for(method, folder, 512, dtype) / MB)
         else:
