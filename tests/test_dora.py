@@ -250,3 +250,27 @@ def test_scaled_sum_is_autograds_formula(dtypes):
     args = [t.detach().double().requires_grad_() for t in (k, base, update)]
     assert torch.autograd.gradcheck(_ScaledSum.apply, args)
     assert torch.autograd.gradcheck(lambda k, b: _ScaledSum.apply(k, b, None), args[:2])
+
+
+@pytest.mark.parametrize("method", ["qlora", "qalora"])
+def test_dora_gradients_on_a_quantized_base_equal_peft_s(tiny_model_dir, tokens, tmp_path, method):
+    """The quantized path scales the dequantized weight and B instead of the outputs: PEFT's gradients (on the
+    weight loraq's base computes with) for B, the magnitudes and (QLoRA) A, in fp32."""
+    model, _ = loraq.load_model(tiny_model_dir)
+    loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, method=method, use_dora=True))
+    randomize(model)
+    loraq.save_adapter(model, tmp_path / "ad")
+    reference = dequantize_base(copy.deepcopy(loraq.unload(copy.deepcopy(model))))
+    peft_model = PeftModel.from_pretrained(reference, tmp_path / "ad", is_trainable=True)
+    for m in (model, peft_model):
+        m.train()
+        m(tokens, labels=tokens).loss.backward()
+    theirs = [(m.lora_A["default"].weight.grad, m.lora_B["default"].weight.grad,
+               m.lora_magnitude_vector["default"].weight.grad)
+              for m in peft_model.modules() if hasattr(m, "lora_magnitude_vector")]  # fmt: skip
+    adapters = [a for layer in lora_layers(model).values() for a in layer.adapters.values()]
+    assert len(adapters) == len(theirs) > 0
+    for a, (grad_a, grad_b, grad_m) in zip(adapters, theirs):
+        assert close(a.B.grad, grad_b) and close(a.magnitude.grad, grad_m)
+        if method == "qlora":
+            assert close(a.A.grad, grad_a)

@@ -105,12 +105,18 @@ def _checkpointed_step(model, tokens, share: bool, dtype=torch.float32) -> tuple
     return [p.grad.clone() for p in model.parameters() if p.requires_grad], len(calls)
 
 
-@pytest.mark.parametrize("method", ["qlora", "qalora"])
-def test_checkpointed_backward_reuses_the_recomputed_weight(tiny, tokens, method):
+@pytest.mark.parametrize("method, dora", [("qlora", False), ("qalora", False), ("qlora", True), ("qalora", True)])
+def test_checkpointed_backward_reuses_the_recomputed_weight(tiny, tokens, method, dora):
     """With checkpointing, forward + recompute + backward dequantized each layer three times; the backward now
-    multiplies by the recompute's weight: two times, and the same gradients bit for bit."""
+    multiplies by the recompute's weight: two times, and the same gradients bit for bit (with DoRA the weight
+    kept is the row-scaled one)."""
     model, _ = tiny
-    loraq.apply(model, LoraConfig(r=2, method=method))
+    loraq.apply(model, LoraConfig(r=2, method=method, use_dora=dora))
+    if dora:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".B"):
+                    p.normal_(0, 0.05)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     layers = len(frozen_layers(model))

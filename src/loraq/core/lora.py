@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import LoraqError
 from ..formats import gguf_blocks
-from ..quant.frozen import FrozenQuantized, GgufLinear, IntLinear
+from ..quant.frozen import FrozenQuantized, GgufLinear, IntLinear, backward_weight, forward_weight, matmul_dtype
 from ..quant.schemes import Scheme, scheme_of
 from .config import LoraConfig
 from .layers import is_plain_linear, layer_shape, linear_weight
@@ -86,8 +86,8 @@ class LoraAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.update(self.dropout(x))
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        """s·B·A·pool(x), the input already dropped out."""
+    def update(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """s·B·A·pool(x), the input already dropped out (with `row_scale`, B's rows times it: DoRA's k)."""
         if self.pool > 1 or not torch.is_autocast_enabled(x.device.type):
             # (pooled sums in fp32; the fp32 copy is not kept for backward, only the pooled input is)
             x = x.to(self.A.dtype)
@@ -98,7 +98,8 @@ class LoraAdapter(nn.Module):
         elif self.pool > 1:
             x = x.unflatten(-1, (-1, self.pool)).sum(dim=-1)
         # Scale the r-wide intermediate rather than the out-wide result: same value, fewer multiplies.
-        return F.linear(F.linear(x, self.A) * self.scaling, self.B)
+        b = self.B if row_scale is None else self.B * row_scale[:, None]
+        return F.linear(F.linear(x, self.A) * self.scaling, b)
 
     @torch.no_grad()
     def dora_norm(self, w0_a: torch.Tensor | None) -> torch.Tensor:
@@ -169,6 +170,45 @@ class _ScaledSum(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_update = grad_base if update_dtype == base_dtype and grad_base is not None else scaled.to(update_dtype)
         return grad_k, grad_base, grad_update
+
+
+class _DoraFrozenMatmul(torch.autograd.Function):
+    """DoRA on a quantized base without dropout: (x·(k∘W0)ᵀ, k), k = m / ||(W0 + ΔW)[o]|| per output row.
+
+    The row scale goes into the weight the base dequantizes anyway (one pass over out x in 16-bit values, in its
+    workspace buffer) rather than over the (tokens, out) outputs, and the caller scales B's rows by the returned
+    k for the update: DoRA then adds no pass over the outputs but the magnitudes' gradient, m's dL/dm =
+    Σ_t g·y / m (y = k·x·W0ᵀ, so x·W0ᵀ = y / k), from the saved 16-bit output. The norm is computed here from
+    A·W0ᵀ of the same dequantized weight, detached as in PEFT."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, magnitude: torch.Tensor, layer: FrozenQuantized, adapter, rows):
+        weight = forward_weight(ctx, layer, x.dtype)
+        w0_a = None if rows is None else F.linear(rows.to(x.dtype), weight)
+        norm = adapter.dora_norm(w0_a).to(magnitude.device)
+        k = magnitude.detach().float() / norm
+        ctx.fresh = layer.workspace is None  # (a workspace buffer is scratch: scaled in place)
+        weight = weight * k[:, None].to(weight.dtype) if ctx.fresh else weight.mul_(k[:, None].to(weight.dtype))
+        y = F.linear(x, weight)
+        ctx.save_for_backward(weight if ctx.shared else None, y, k, magnitude.detach())
+        return y, k
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, grad_k: torch.Tensor):
+        weight, y, k, magnitude = ctx.saved_tensors
+        grad_x = grad_m = None
+        if ctx.needs_input_grad[0]:
+            if not ctx.shared:
+                weight = backward_weight(ctx, grad.dtype, None)
+                scale = k[:, None].to(weight.dtype)
+                weight = weight * scale if ctx.fresh else weight.mul_(scale)
+            grad_x = grad @ weight.to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            # dL/dk = Σ_t g·(x·W0ᵀ) + the update's part; dk/dm = 1 / norm = k / m
+            through_base = (grad * y).sum(dim=tuple(range(grad.dim() - 1)), dtype=torch.float32) / k
+            grad_m = (through_base + grad_k.float()) * (k / magnitude.float())
+            grad_m = grad_m.to(magnitude.dtype)
+        return grad_x, grad_m, None, None, None
 
 
 class LoraLinear(nn.Module):
@@ -259,6 +299,8 @@ class LoraLinear(nn.Module):
         """PEFT's DoRA: y = W0·x + b + (k - 1)·W0·x_d + k·s·B·A·x_d, x_d the dropped-out input (x itself without
         dropout: then y = k·(W0·x + s·B·A·x) + b). A quantized base gives A·W0ᵀ from the same dequantization."""
         no_dropout = isinstance(adapter.dropout, nn.Identity) or not self.training
+        if no_dropout and isinstance(self.base, FrozenQuantized):
+            return self._dora_quantized(x, adapter, out_dtype)
         dropped = x if no_dropout else adapter.dropout(x)
         bias = getattr(self.base, "bias", None)
         w0_a = None
@@ -275,6 +317,16 @@ class LoraLinear(nn.Module):
         no_bias = no_bias.to(out_dtype)
         y = self.base(x).to(out_dtype) + (k - 1) * no_bias
         return y if update is None else y + k * update.to(out_dtype)
+
+    def _dora_quantized(self, x: torch.Tensor, adapter: LoraAdapter, out_dtype: torch.dtype) -> torch.Tensor:
+        """y = x·(k∘W0)ᵀ + b + s·(k∘B)·A·x: the row scale in the dequantized weight and in B (_DoraFrozenMatmul)."""
+        rows = adapter.expanded_A().to(x.device) if adapter.r else None
+        x_mm = x.to(matmul_dtype(x))
+        y, k = _DoraFrozenMatmul.apply(x_mm, adapter.magnitude, self.base, adapter, rows)
+        y = y.to(out_dtype)
+        if self.base.bias is not None:
+            y = y + self.base.bias.to(out_dtype)
+        return y + adapter.update(x, k).to(out_dtype) if adapter.r else y
 
     def _base_and_rows(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(base(x), rows·W0ᵀ): a quantized base dequantizes once for both."""

@@ -56,22 +56,35 @@ def _kernels_for(t: torch.Tensor):
     return cuda_kernels() if t.is_cuda else None
 
 
+def forward_weight(ctx, layer: FrozenQuantized, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a frozen matmul's forward multiplies by, dequantized (into the layer's workspace if it has one).
+
+    Inside a checkpointed block (`attached(..., checkpointed=...)`) the weight goes to the buffer of the layer's
+    place in the block, and the caller saves it for backward (`ctx.shared`): checkpointing drops it after the
+    forward, and the recompute saves it again, so the backward multiplies by the recompute's weight instead of
+    dequantizing a third time. One block's weights are kept, a block at a time."""
+    ctx.layer = layer
+    workspace = layer.workspace
+    ctx.shared = workspace is not None and layer.checkpoint_slot is not None and ctx.needs_input_grad[0]
+    if ctx.shared:
+        workspace = workspace.writing_to(f"checkpointed.{layer.checkpoint_slot}")
+    return layer.dequantize(dtype, workspace)
+
+
+def backward_weight(ctx, dtype: torch.dtype, saved: torch.Tensor | None) -> torch.Tensor:
+    """The weight for the backward: the one `forward_weight` gave if it was `saved` (ctx.shared), else again."""
+    layer = ctx.layer
+    return saved if ctx.shared else layer.dequantize(dtype, layer.workspace)
+
+
 class _FrozenMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: FrozenQuantized, rows: torch.Tensor | None = None):
-        ctx.layer = layer
         kernels = _kernels_for(x) if layer.has_kernels else None
         if rows is None and kernels is not None and x.numel() <= kernels.GEMV_MAX_ROWS * layer.in_features:
+            ctx.layer, ctx.shared = layer, False
             return kernels.gemv(x, layer)  # decoding: never writes the weight
-        workspace = layer.workspace
-        # Inside a checkpointed block (`attached(..., checkpointed=...)`) the weight goes to the buffer of the
-        # layer's place in the block and is saved for backward: checkpointing drops it after the forward, and
-        # the recompute saves it again, so the backward multiplies by the recompute's weight instead of
-        # dequantizing a third time. One block's weights are kept, a block at a time.
-        ctx.shared = workspace is not None and layer.checkpoint_slot is not None and ctx.needs_input_grad[0]
-        if ctx.shared:
-            workspace = workspace.writing_to(f"checkpointed.{layer.checkpoint_slot}")
-        weight = layer.dequantize(x.dtype, workspace)
+        weight = forward_weight(ctx, layer, x.dtype)
         if ctx.shared:
             ctx.save_for_backward(weight)
         if rows is None:
@@ -83,8 +96,7 @@ class _FrozenMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *_):
-        layer = ctx.layer
-        weight = ctx.saved_tensors[0] if ctx.shared else layer.dequantize(grad.dtype, layer.workspace)
+        weight = backward_weight(ctx, grad.dtype, ctx.saved_tensors[0] if ctx.shared else None)
         return grad @ weight.to(grad.dtype), None, None
 
 
