@@ -9,6 +9,11 @@ setups alternate for --rounds rounds; the report gives medians and ratios to the
     .venv/bin/python bench/steps.py --setups loraq-qalora,loraq-qadora,loraq-qlora,loraq-qdora   # DoRA's cost
     .venv/bin/python bench/steps.py --setups loraq-qlora,peft-qlora --compute-dtype bf16  # both in bf16 autocast
 
+`--interleaved` runs the setups in one process instead, one step of each in turn, for --steps rounds: on a
+shared, noisy machine the time ratio is then measured over the same seconds (peak RSS is not reported):
+
+    .venv/bin/python bench/steps.py --setups loraq-qalora,loraq-qadora --compute-dtype bf16 --interleaved --steps 12
+
 Batch 4 x 256 tokens, r=16 on all 7 projections, loss on every token, AdamW on the adapter. With
 --compute-dtype bf16 every setup runs under CPU bf16 autocast (bitsandbytes with bf16 compute), as
 `loraq train` does on a CPU with native bf16.
@@ -123,6 +128,40 @@ def measure(which: str, batch: int, seq: int, rank: int, warmup: int, steps: int
     }
 
 
+def interleaved(setups: list[str], batch: int, seq: int, rank: int, warmup: int, steps: int, compute_dtype: str):
+    """Median step time of each setup, the setups loaded in this process and stepping in turn."""
+    import torch
+
+    from loraq.quant import workspace
+
+    dtype = torch.bfloat16 if compute_dtype == "bf16" else torch.float32
+    runs = {}
+    for which in setups:
+        torch.manual_seed(0)
+        model, tokenizer = load(which, rank, dtype)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs[which] = (model, torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params))
+    x = batch_of_text(tokenizer, batch, seq)
+    times: dict[str, list[float]] = {which: [] for which in setups}
+    for i in range(warmup + steps):
+        for which, (model, optimizer, _) in runs.items():
+            with workspace.attached(model):
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if i >= warmup:
+                    times[which].append(time.perf_counter() - t0)
+    first = statistics.median(times[setups[0]])
+    print(f"\nbatch {batch} x {seq}, r={rank}, {compute_dtype}, one process, {steps} interleaved steps after {warmup}")
+    for which in setups:
+        step = statistics.median(times[which])
+        print(f"{which:13s}{runs[which][2]:>12,} trainable  step {step:.3f} s  this/{setups[0]}: {step / first:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
@@ -133,6 +172,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--setups", default="loraq-lora,peft-lora", help=f"comma list of {', '.join(SETUPS)}")
     ap.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--interleaved", action="store_true", help="one process, the setups' steps in turn")
     ap.add_argument("--child", choices=SETUPS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -144,6 +184,9 @@ def main() -> None:
     unknown = [s for s in setups if s not in SETUPS]
     if unknown:
         ap.error(f"unknown setups {unknown}; choose from {', '.join(SETUPS)}")
+    if args.interleaved:
+        interleaved(setups, args.batch, args.seq, args.rank, args.warmup, args.steps, args.compute_dtype)
+        return
     results: dict[str, list[dict]] = {s: [] for s in setups}
     for _ in range(args.rounds):
         for which in setups:
