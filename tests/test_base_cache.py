@@ -106,6 +106,15 @@ def test_an_unfinished_or_unreadable_cache_is_built_again(tiny_model_dir, cache,
     (where / "loraq-base.json").unlink()
     build_base(str(tiny_model_dir), config, base_cache="on")
     assert (where / "loraq-base.json").is_file()
+    weights = where / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    again, _, _ = build_base(str(tiny_model_dir), config, base_cache="on")
+    err = capsys.readouterr().err
+    assert "damaged" in err and "model.safetensors" in err
+    assert torch.equal(logits(again, tokens), logits(built, tokens))
+    mapped, _, _ = build_base(str(tiny_model_dir), config, base_cache="on")  # the replaced file, whole again
+    assert "mapped from the cache" in capsys.readouterr().err
+    assert torch.equal(logits(mapped, tokens), logits(built, tokens))
 
 
 def test_bad_base_cache_option_is_named():

@@ -77,7 +77,11 @@ def load_cached(where: Path) -> tuple[nn.Module, dict[str, float]] | None:
     except (OSError, ValueError, KeyError, TypeError):
         print(f"loraq: note: the cached base {where} is unreadable; quantizing again", file=sys.stderr)
         return None
-    model = load_quantized(where)
+    try:
+        model = load_quantized(where)
+    except LoraqError as e:  # (a truncated or damaged file: built again and replaced)
+        print(f"loraq: note: the cached base is damaged ({e}); quantizing again", file=sys.stderr)
+        return None
     model.name_or_path = name
     print(f"loraq: base mapped from the cache {where} (--base-cache off to quantize again)", file=sys.stderr)
     return model, errors
