@@ -16,6 +16,7 @@ holds at least `AUTO_MIN_BYTES`; small models quantize in seconds and stay out o
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -37,6 +38,13 @@ def _source_files(folder: Path) -> list[Path]:
     return sorted([*folder.glob("*.safetensors"), folder / "config.json"])
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("loraq")
+    except importlib.metadata.PackageNotFoundError:  # (run from a source tree)
+        return "unknown"
+
+
 def cacheable(folder: Path | None, scheme: Scheme, choice: str) -> bool:
     """Whether a base of `scheme` built from `folder` goes through the cache under the option `choice`."""
     if choice not in CHOICES:
@@ -50,8 +58,6 @@ def cacheable(folder: Path | None, scheme: Scheme, choice: str) -> bool:
 
 def base_folder(folder: Path, scheme: Scheme, device_type: str) -> Path:
     """Where the base of `scheme` built from the safetensors folder `folder` is (or will be) cached."""
-    from .. import __version__  # (the package imports this module while it initializes)
-
     files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _source_files(folder) if p.is_file()]
     key = {
         "source": str(folder.resolve()),
@@ -59,7 +65,7 @@ def base_folder(folder: Path, scheme: Scheme, device_type: str) -> Path:
         "scheme": scheme.checkpoint_config(),
         "describe": scheme.describe(),
         "device": device_type,
-        "loraq": __version__,
+        "loraq": _version(),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return cache_dir() / "bases" / f"{folder.resolve().name}-{digest}"
