@@ -107,7 +107,9 @@ def test_an_unfinished_or_unreadable_cache_is_built_again(tiny_model_dir, cache,
     build_base(str(tiny_model_dir), config, base_cache="on")
     assert (where / "loraq-base.json").is_file()
     weights = where / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    damaged = weights.read_bytes()[:-100]
+    weights.unlink()  # (a new file: the models above map the old one privately)
+    weights.write_bytes(damaged)
     again, _, _ = build_base(str(tiny_model_dir), config, base_cache="on")
     err = capsys.readouterr().err
     assert "damaged" in err and "model.safetensors" in err
@@ -144,3 +146,18 @@ def test_an_unwritable_cache_leaves_the_base_in_memory(tiny_model_dir, tmp_path,
     assert "cannot cache the quantized base" in capsys.readouterr().err and errors
     built, _, _ = build_base(str(tiny_model_dir), config)
     assert torch.equal(logits(model, tokens), logits(built, tokens))
+
+
+def test_a_full_disk_while_writing_leaves_the_base_in_memory_and_no_folder(tiny_model_dir, cache, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    import loraq.product.base_cache as base_cache
+
+    def full_disk(model, tokenizer, folder):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(base_cache, "write_quantized", full_disk)
+    model, _, errors = build_base(str(tiny_model_dir), loraq.LoraConfig(r=4, method="qlora"), base_cache="on")
+    assert "No space left" in capsys.readouterr().err and errors
+    assert not any(cache.joinpath("bases").iterdir())  # the half-written folder removed

@@ -98,7 +98,7 @@ class LoraAdapter(nn.Module):
         elif self.pool > 1:
             x = x.unflatten(-1, (-1, self.pool)).sum(dim=-1)
         # Scale the r-wide intermediate rather than the out-wide result: same value, fewer multiplies.
-        b = self.B if row_scale is None else self.B * row_scale[:, None]
+        b = self.B if row_scale is None else self.B * row_scale[:, None].to(self.B.dtype)
         return F.linear(F.linear(x, self.A) * self.scaling, b)
 
     @torch.no_grad()
@@ -178,7 +178,7 @@ class _DoraFrozenMatmul(torch.autograd.Function):
     The row scale goes into the weight the base dequantizes anyway (one pass over out x in 16-bit values, in its
     workspace buffer) rather than over the (tokens, out) outputs, and the caller scales B's rows by the returned
     k for the update: DoRA then adds no pass over the outputs but the magnitudes' gradient, m's dL/dm =
-    Σ_t g·y / m (y = k·x·W0ᵀ, so x·W0ᵀ = y / k), from the saved 16-bit output. The norm is computed here from
+    Σ_t g·y / (k·norm) (y = k·x·W0ᵀ, so x·W0ᵀ = y / k), from the saved 16-bit output. The norm is computed here from
     A·W0ᵀ of the same dequantized weight, detached as in PEFT."""
 
     @staticmethod
@@ -187,27 +187,31 @@ class _DoraFrozenMatmul(torch.autograd.Function):
         w0_a = None if rows is None else F.linear(rows.to(x.dtype), weight)
         norm = adapter.dora_norm(w0_a).to(magnitude.device)
         k = magnitude.detach().float() / norm
-        ctx.fresh = layer.workspace is None  # (a workspace buffer is scratch: scaled in place)
-        weight = weight * k[:, None].to(weight.dtype) if ctx.fresh else weight.mul_(k[:, None].to(weight.dtype))
+        # A workspace buffer is scratch and scaled in place; without one the weight is scaled into a copy, in
+        # case a layer's dequantize ever hands out a tensor it keeps.
+        ctx.fresh = layer.workspace is None
+        scale = k[:, None].to(weight.dtype)
+        weight = weight * scale if ctx.fresh else weight.mul_(scale)
         y = F.linear(x, weight)
-        ctx.save_for_backward(weight if ctx.shared else None, y, k, magnitude.detach())
+        ctx.save_for_backward(weight if ctx.shared else None, y, scale, norm)
+        ctx.magnitude_dtype = magnitude.dtype
         return y, k
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, grad_k: torch.Tensor):
-        weight, y, k, magnitude = ctx.saved_tensors
+        weight, y, scale, norm = ctx.saved_tensors
         grad_x = grad_m = None
         if ctx.needs_input_grad[0]:
             if not ctx.shared:
                 weight = backward_weight(ctx, grad.dtype, None)
-                scale = k[:, None].to(weight.dtype)
                 weight = weight * scale if ctx.fresh else weight.mul_(scale)
             grad_x = grad @ weight.to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            # dL/dk = Σ_t g·(x·W0ᵀ) + the update's part; dk/dm = 1 / norm = k / m
-            through_base = (grad * y).sum(dim=tuple(range(grad.dim() - 1)), dtype=torch.float32) / k
-            grad_m = (through_base + grad_k.float()) * (k / magnitude.float())
-            grad_m = grad_m.to(magnitude.dtype)
+            # dL/dk = Σ_t g·(x·W0ᵀ) + the update's part, x·W0ᵀ = y / k with k as the weight was scaled by (its
+            # 16-bit rounding); dk/dm = 1 / norm. (fp16's range cannot hold the products: formed in fp32.)
+            product = grad.float() * y.float() if grad.dtype == torch.float16 else grad * y
+            through_base = product.sum(dim=tuple(range(grad.dim() - 1)), dtype=torch.float32) / scale[:, 0].float()
+            grad_m = ((through_base + grad_k.float()) / norm).to(ctx.magnitude_dtype)
         return grad_x, grad_m, None, None, None
 
 

@@ -244,7 +244,7 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) 
     embeddings = _embedding_keys(model)
     rest = {}
     for k in list(tensors):
-        v = tensors.pop(k)  # read into memory of its own (safetensors_file.py): no view of a mapped file
+        v = tensors.pop(k)  # read (16-bit loading) or a view of the mapped file (a quantized checkpoint)
         if tuple(v.shape) != tuple(shapes[k]):
             raise LoraqError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(shapes[k])}")
         sixteen = k in embeddings and v.dtype in (torch.float16, torch.bfloat16)

@@ -95,13 +95,18 @@ class SafetensorsFile:
 
     def mapped(self, key: str) -> torch.Tensor:
         """`key` as a view of a private (copy-on-write) mapping of the file; read like `get_tensor` if its data
-        is not aligned to its element size."""
+        is not aligned to its element size or the file cannot be mapped."""
         dtype, shape = self.dtype(key), self.shape(key)
         begin = self.data_start + self.entries[key][2]
         if begin % dtype.itemsize or not math.prod(shape):
             return self.get_tensor(key)
         if self._mapping is None:
-            self._mapping = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self.size)
+            try:
+                self._mapping = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self.size)
+            except RuntimeError:  # (a file system without mmap, no address space left): read instead
+                self._mapping = False
+        if self._mapping is False:
+            return self.get_tensor(key)
         return torch.empty(0, dtype=dtype).set_(self._mapping, begin // dtype.itemsize, shape)
 
     def rows(self, key: str, start: int, stop: int, dim: int = 0) -> torch.Tensor:

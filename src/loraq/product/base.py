@@ -86,8 +86,9 @@ def build_base(
         else:
             model, tokenizer = load_model(model_name, quantize_layer=measured if scheme.quantized else None)
         if cached is not None and found is None and store(model, errors, cached):
-            del model  # the copy in memory gives way to the mapped file
-            model, errors = load_cached(cached)
+            mapped = load_cached(cached)  # (the mapped copy is page cache: the two are not held twice)
+            if mapped is not None:
+                model, errors = mapped  # the copy in memory gives way to the mapped file
     if errors:
         print(
             f"loraq: base quantized as {scheme.describe()}; relative weight error of the {len(errors)} layers: mean "

@@ -8,9 +8,11 @@ them: the frozen codes and constants are then the kernel's page cache, shared by
 and reclaimable, not the process's own (anonymous) memory — as llama.cpp runs its models. A checkpoint's
 tensors are never written in place except by a merge, which copies the touched pages (a private mapping).
 
-The folder's name hashes what the bytes depend on: the source's files (names, sizes, modification times), the
-scheme's parameters, the device the quantization ran on, and loraq's version. "auto" caches bases whose source
-holds at least `AUTO_MIN_BYTES`; small models quantize in seconds and stay out of the cache.
+The folder's name hashes what the bytes depend on: the source's files (names, sizes, modification and change
+times, inodes), the scheme's parameters, the device the quantization ran on, and loraq's and torch's versions
+with a hash of the quantizers' source. "auto" caches bases whose source holds at least `AUTO_MIN_BYTES`; small
+models quantize in seconds and stay out of the cache. Old folders are never deleted: remove $LORAQ_CACHE/bases
+to reclaim the space.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..atomic import atomic_folder
@@ -38,11 +43,17 @@ def _source_files(folder: Path) -> list[Path]:
     return sorted([*folder.glob("*.safetensors"), folder / "config.json"])
 
 
-def _version() -> str:
+def _code_version() -> str:
+    """loraq's and torch's versions and a hash of the quantizers' source: a change to either builds anew."""
     try:
-        return importlib.metadata.version("loraq")
+        version = importlib.metadata.version("loraq")
     except importlib.metadata.PackageNotFoundError:  # (run from a source tree)
-        return "unknown"
+        version = "unknown"
+    quant = Path(__file__).resolve().parent.parent / "quant"
+    digest = hashlib.sha256()
+    for path in sorted([*quant.rglob("*.py"), *quant.rglob("*.c")]):
+        digest.update(path.read_bytes())
+    return f"loraq {version} {digest.hexdigest()[:16]}, torch {torch.__version__}"
 
 
 def cacheable(folder: Path | None, scheme: Scheme, choice: str) -> bool:
@@ -58,14 +69,15 @@ def cacheable(folder: Path | None, scheme: Scheme, choice: str) -> bool:
 
 def base_folder(folder: Path, scheme: Scheme, device_type: str) -> Path:
     """Where the base of `scheme` built from the safetensors folder `folder` is (or will be) cached."""
-    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _source_files(folder) if p.is_file()]
+    stats = [(p.name, p.stat()) for p in _source_files(folder) if p.is_file()]
+    files = [(name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) for name, st in stats]
     key = {
         "source": str(folder.resolve()),
         "files": files,
         "scheme": scheme.checkpoint_config(),
         "describe": scheme.describe(),
         "device": device_type,
-        "loraq": _version(),
+        "code": _code_version(),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return cache_dir() / "bases" / f"{folder.resolve().name}-{digest}"
@@ -82,11 +94,13 @@ def load_cached(where: Path) -> tuple[nn.Module, dict[str, float]] | None:
         errors, name = dict(recorded["relative_error"]), recorded["name_or_path"]
     except (OSError, ValueError, KeyError, TypeError):
         print(f"loraq: note: the cached base {where} is unreadable; quantizing again", file=sys.stderr)
+        shutil.rmtree(where, ignore_errors=True)
         return None
     try:
         model = load_quantized(where)
     except LoraqError as e:  # (a truncated or damaged file: built again and replaced)
         print(f"loraq: note: the cached base is damaged ({e}); quantizing again", file=sys.stderr)
+        shutil.rmtree(where, ignore_errors=True)
         return None
     model.name_or_path = name
     print(f"loraq: base mapped from the cache {where} (--base-cache off to quantize again)", file=sys.stderr)
@@ -96,12 +110,14 @@ def load_cached(where: Path) -> tuple[nn.Module, dict[str, float]] | None:
 def store(model: nn.Module, errors: dict[str, float], where: Path) -> bool:
     """Write `model`'s quantized base to the cache folder `where`, whole or not at all; False (and a note) if
     it cannot be written (a full disk, a read-only cache): the run goes on with the base in memory."""
+    if (where / META).is_file():  # (another run finished it meanwhile)
+        return True
     try:
         with atomic_folder(where) as tmp:
             write_quantized(model, None, tmp)
             record = {"relative_error": errors, "name_or_path": getattr(model, "name_or_path", None)}
             (tmp / META).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         print(f"loraq: note: cannot cache the quantized base in {where} ({e}); keeping it in memory", file=sys.stderr)
         return False
     size = sum(p.stat().st_size for p in where.iterdir()) / 2**30
