@@ -95,6 +95,18 @@ def load(which: str, rank: int, dtype):
     return model, AutoTokenizer.from_pretrained(folder)
 
 
+def train_step(model, optimizer, x, dtype) -> float:
+    """One AdamW step on the batch `x` (the loss on every token), under CPU autocast unless `dtype` is fp32."""
+    import torch
+
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+
 def measure(which: str, batch: int, seq: int, rank: int, warmup: int, steps: int, compute_dtype: str) -> dict:
     import torch
 
@@ -111,14 +123,10 @@ def measure(which: str, batch: int, seq: int, rank: int, warmup: int, steps: int
     with workspace.attached(model):  # (as `loraq train` lends one; PEFT's layers have no use for it)
         for i in range(warmup + steps):
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, optimizer, x, dtype)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-            losses.append(float(loss))
+            losses.append(loss)
     return {
         "which": which,
         "trainable": sum(p.numel() for p in params),
@@ -148,11 +156,7 @@ def interleaved(setups: list[str], batch: int, seq: int, rank: int, warmup: int,
         for which, (model, optimizer, _) in runs.items():
             with workspace.attached(model):
                 t0 = time.perf_counter()
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                    loss = model(input_ids=x, labels=x).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                train_step(model, optimizer, x, dtype)
                 if i >= warmup:
                     times[which].append(time.perf_counter() - t0)
     first = statistics.median(times[setups[0]])

@@ -7,7 +7,7 @@ import torch
 
 import loraq
 from loraq.product.base import build_base
-from loraq.product.base_cache import base_folder
+from loraq.product.base_cache import cache_folder
 from loraq.quant.frozen import FrozenQuantized
 from loraq.quant.schemes import scheme_for
 
@@ -51,7 +51,7 @@ def test_a_cached_base_is_the_built_one_mapped_from_its_file(tiny_model_dir, cac
     again, tokenizer, again_errors = build_base(str(tiny_model_dir), config, base_cache="on")
     assert "mapped from the cache" in capsys.readouterr().err
     assert errors == first_errors == again_errors and tokenizer.pad_token is not None
-    where = base_folder(tiny_model_dir, scheme_for(config, None), "cpu")
+    where = cache_folder(tiny_model_dir, scheme_for(config, None), "on", "cpu")
     assert [p.name for p in cache.joinpath("bases").iterdir()] == [where.name]
     file = where / "model.safetensors"
     for model in (first, again):
@@ -82,15 +82,15 @@ def test_auto_and_off_leave_small_models_out_and_a_changed_source_is_quantized_a
     build_base(str(tiny_model_dir), config, base_cache="off")
     assert not cache.joinpath("bases").exists()
     scheme = scheme_for(config, None)
-    before = base_folder(tiny_model_dir, scheme, "cpu")
+    before = cache_folder(tiny_model_dir, scheme, "on", "cpu")
     weights = next(tiny_model_dir.glob("*.safetensors"))
     stat = weights.stat()
     import os
 
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     try:
-        assert base_folder(tiny_model_dir, scheme, "cpu") != before
-        assert base_folder(tiny_model_dir, scheme_for(loraq.LoraConfig(method="qalora"), None), "cpu") != before
+        assert cache_folder(tiny_model_dir, scheme, "on", "cpu") != before
+        assert cache_folder(tiny_model_dir, scheme_for(loraq.LoraConfig(method="qalora"), None), "on", "cpu") != before
     finally:
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
@@ -98,7 +98,7 @@ def test_auto_and_off_leave_small_models_out_and_a_changed_source_is_quantized_a
 def test_an_unfinished_or_unreadable_cache_is_built_again(tiny_model_dir, cache, tokens, capsys):
     config = loraq.LoraConfig(r=4, method="qlora")
     built, _, _ = build_base(str(tiny_model_dir), config, base_cache="on")
-    where = base_folder(tiny_model_dir, scheme_for(config, None), "cpu")
+    where = cache_folder(tiny_model_dir, scheme_for(config, None), "on", "cpu")
     (where / "loraq-base.json").write_text("{not json")
     again, _, _ = build_base(str(tiny_model_dir), config, base_cache="on")
     assert "unreadable; quantizing again" in capsys.readouterr().err

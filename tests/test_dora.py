@@ -206,6 +206,17 @@ def test_peft_dora_from_transformers_gguf_model_loads_onto_the_files_codes(tmp_p
     assert close(logits(ours.eval(), tokens), logits(peft_model.eval(), tokens))
 
 
+def peft_grads(peft_model) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(A, B, magnitude) gradients of every PEFT DoRA layer, in module order."""
+    layers = [m for m in peft_model.modules() if hasattr(m, "lora_magnitude_vector")]
+    return [tuple(p["default"].weight.grad for p in (m.lora_A, m.lora_B, m.lora_magnitude_vector)) for m in layers]
+
+
+def adapters_of(model) -> list:
+    """Every loraq adapter of the model, in module order (PEFT's order for the same targets)."""
+    return [a for layer in lora_layers(model).values() for a in layer.adapters.values()]
+
+
 def test_dora_gradients_equal_peft_s(tiny_model_dir, tmp_path):
     """PEFT's DoRA and loraq's, the same adapter, one loss: the same gradients for A, B, the magnitudes (fp32)."""
     base, _ = loraq.load_model(tiny_model_dir)
@@ -218,11 +229,7 @@ def test_dora_gradients_equal_peft_s(tiny_model_dir, tmp_path):
     for model in (ours, peft_model):
         model.train()
         model(tokens, labels=tokens).loss.backward()
-    theirs = [(m.lora_A["default"].weight.grad, m.lora_B["default"].weight.grad,
-               m.lora_magnitude_vector["default"].weight.grad)
-              for m in peft_model.modules() if hasattr(m, "lora_magnitude_vector")]  # fmt: skip
-    adapters = [a for layer in lora_layers(ours).values() for a in layer.adapters.values()]
-    mine = [(a.A.grad, a.B.grad, a.magnitude.grad) for a in adapters]
+    theirs, mine = peft_grads(peft_model), [(a.A.grad, a.B.grad, a.magnitude.grad) for a in adapters_of(ours)]
     assert len(mine) == len(theirs) == 6
     for got, want in zip(mine, theirs):
         for g, w in zip(got, want):
@@ -265,10 +272,7 @@ def test_dora_gradients_on_a_quantized_base_equal_peft_s(tiny_model_dir, tokens,
     for m in (model, peft_model):
         m.train()
         m(tokens, labels=tokens).loss.backward()
-    theirs = [(m.lora_A["default"].weight.grad, m.lora_B["default"].weight.grad,
-               m.lora_magnitude_vector["default"].weight.grad)
-              for m in peft_model.modules() if hasattr(m, "lora_magnitude_vector")]  # fmt: skip
-    adapters = [a for layer in lora_layers(model).values() for a in layer.adapters.values()]
+    theirs, adapters = peft_grads(peft_model), adapters_of(model)
     assert len(adapters) == len(theirs) > 0
     for a, (grad_a, grad_b, grad_m) in zip(adapters, theirs):
         assert close(a.B.grad, grad_b) and close(a.magnitude.grad, grad_m)

@@ -19,7 +19,7 @@ from ..errors import LoraqError
 from ..formats.checkpoint import is_quantized_folder
 from ..quant.intk import relative_error
 from ..quant.schemes import Scheme, scheme_of
-from .base_cache import base_folder, cacheable, load_cached, store
+from .base_cache import cache_folder, load_cached, store
 from .data import ordered_batches
 from .models import load_model, load_tokenizer, method_scheme, model_folder
 from .run_folder import RunFolder
@@ -76,19 +76,15 @@ def build_base(
             errors[name] = relative_error(weight, layer.dequantize())
             return layer
 
-        folder = model_folder(model_name)
-        cached = None
-        if cacheable(folder, scheme, base_cache):
-            cached = base_folder(folder, scheme, torch.device(device).type)
+        cached = cache_folder(model_folder(model_name), scheme, base_cache, torch.device(device).type)
         found = load_cached(cached) if cached is not None else None
         if found is not None:
             (model, errors), tokenizer = found, load_tokenizer(model_name)
         else:
             model, tokenizer = load_model(model_name, quantize_layer=measured if scheme.quantized else None)
-        if cached is not None and found is None and store(model, errors, cached):
-            mapped = load_cached(cached)  # (the mapped copy is page cache: the two are not held twice)
-            if mapped is not None:
-                model, errors = mapped  # the copy in memory gives way to the mapped file
+            if cached is not None and store(model, errors, cached):
+                # the copy in memory gives way to the mapped file (page cache: the two are not held twice)
+                model, errors = load_cached(cached) or (model, errors)
     if errors:
         print(
             f"loraq: base quantized as {scheme.describe()}; relative weight error of the {len(errors)} layers: mean "

@@ -56,19 +56,24 @@ def _code_version() -> str:
     return f"loraq {version} {digest.hexdigest()[:16]}, torch {torch.__version__}"
 
 
-def cacheable(folder: Path | None, scheme: Scheme, choice: str) -> bool:
-    """Whether a base of `scheme` built from `folder` goes through the cache under the option `choice`."""
+def cache_folder(source: Path | None, scheme: Scheme, choice: str, device_type: str) -> Path | None:
+    """Where the base of `scheme` built from the model folder `source` on `device_type` is (or will be) cached
+    under the option `choice`; None if it does not go through the cache."""
+    return _folder(source, scheme, device_type) if _cacheable(source, scheme, choice) else None
+
+
+def _cacheable(folder: Path | None, scheme: Scheme, choice: str) -> bool:
     if choice not in CHOICES:
-        raise LoraqError(f"--base-cache must be one of {', '.join(CHOICES)}, got {choice!r}")
+        raise LoraqError(f"--base-cache must be {', '.join(CHOICES[:-1])} or {CHOICES[-1]}, got {choice!r}")
     if choice == "off" or folder is None or not scheme.quantized or scheme.needs_calibration:
         return False
-    if not any(folder.glob("*.safetensors")) or is_quantized_folder(folder):
+    sizes = [p.stat().st_size for p in folder.glob("*.safetensors")]
+    if not sizes or is_quantized_folder(folder):
         return False
-    return choice == "on" or sum(p.stat().st_size for p in folder.glob("*.safetensors")) >= AUTO_MIN_BYTES
+    return choice == "on" or sum(sizes) >= AUTO_MIN_BYTES
 
 
-def base_folder(folder: Path, scheme: Scheme, device_type: str) -> Path:
-    """Where the base of `scheme` built from the safetensors folder `folder` is (or will be) cached."""
+def _folder(folder: Path, scheme: Scheme, device_type: str) -> Path:
     stats = [(p.name, p.stat()) for p in _source_files(folder) if p.is_file()]
     files = [(name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) for name, st in stats]
     key = {

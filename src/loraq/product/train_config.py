@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..core.config import LoraConfig
 from ..errors import LoraqError
+from .base_cache import CHOICES as BASE_CACHE_CHOICES
 from .models import DEFAULT_MODEL
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -184,8 +185,9 @@ class TrainConfig:
             f"--mmap-threshold-mb must be an integer from 0 to 32 (MiB), got {self.mmap_threshold_mb!r}",
         )
         check(
-            self.base_cache in ("auto", "on", "off"),
-            f"--base-cache must be auto, on or off, got {self.base_cache!r}",
+            self.base_cache in BASE_CACHE_CHOICES,
+            f"--base-cache must be {', '.join(BASE_CACHE_CHOICES[:-1])} or {BASE_CACHE_CHOICES[-1]}, "
+            f"got {self.base_cache!r}",
         )
         check(
             not self.offload_activations or self.grad_checkpoint,
