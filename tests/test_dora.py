@@ -261,8 +261,9 @@ def test_scaled_sum_is_autograds_formula(dtypes):
 
 @pytest.mark.parametrize("method", ["qlora", "qalora"])
 def test_dora_gradients_on_a_quantized_base_equal_peft_s(tiny_model_dir, tokens, tmp_path, method):
-    """The quantized path scales the dequantized weight and B instead of the outputs: PEFT's gradients (on the
-    weight loraq's base computes with) for B, the magnitudes and (QLoRA) A, in fp32."""
+    """The quantized path scales the weight and B instead of the outputs (QA-LoRA: k from group sums, folded into
+    the group constants): PEFT's gradients (on the weight loraq's base computes with) for B, the magnitudes and
+    (QLoRA) A, in fp32."""
     model, _ = loraq.load_model(tiny_model_dir)
     loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, method=method, use_dora=True))
     randomize(model)
@@ -276,5 +277,7 @@ def test_dora_gradients_on_a_quantized_base_equal_peft_s(tiny_model_dir, tokens,
     assert len(adapters) == len(theirs) > 0
     for a, (grad_a, grad_b, grad_m) in zip(adapters, theirs):
         assert close(a.B.grad, grad_b) and close(a.magnitude.grad, grad_m)
+        # QA-LoRA: the norm from the groups' code sums, the row factor in the constants (no weight of DoRA's own)
+        assert (a.base_code_sums is not None) == (method == "qalora")
         if method == "qlora":
             assert close(a.A.grad, grad_a)

@@ -104,3 +104,22 @@ def test_packed_dequantize_equals_the_plain_formula(bits):
     codes, scale, offset = quantize_rtn(w, bits, 32)
     expected = dequantize_int(codes, scale, offset)
     assert torch.equal(dequantize_packed(pack_codes(codes, bits), bits, scale, offset), expected)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_scaled_weight_is_the_weight_times_each_row_s_factor(bits, dtype):
+    """DoRA's k folded into the group constants (IntLinear.scaled_weight) gives k·W, rounded once in `dtype`;
+    an NF4 layer scales its dequantized weight instead."""
+    from loraq.quant.frozen import IntLinear, NF4Linear
+    from loraq.quant.nf4 import quantize_4bit
+
+    torch.manual_seed(bits)
+    codes, scale, offset = quantize_rtn(torch.randn(24, 96), bits, 32)
+    k = torch.rand(24) + 0.5
+    tol = 1e-6 if dtype == torch.float32 else 2**-8
+    for layer in (IntLinear(codes, scale, offset, bits), NF4Linear(*quantize_4bit(torch.randn(24, 96), blocksize=32))):
+        expected = layer.dequantize(torch.float32) * k[:, None]
+        scaled = layer.scaled_weight(k, dtype)
+        assert scaled.dtype == dtype
+        torch.testing.assert_close(scaled.float(), expected, rtol=tol, atol=tol * float(expected.abs().max()))

@@ -180,3 +180,41 @@ def test_few_rows_are_not_taken_with_gradients_or_by_other_formats():
     assert int4.few_rows(torch.randn(17, 64), torch.float32) is None  # more rows than FEW_ROWS
     assert int4.few_rows(torch.randn(5, 64), torch.bfloat16) is None
     assert int4.few_rows(torch.randn(2, 64), torch.float32) is not None
+
+
+@pytest.mark.parametrize("shape", [(1024, 576), (3, 40), (5000, 17), (2048, 2050)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_column_dots_are_the_float64_sums(monkeypatch, shape, threads):
+    """DoRA's magnitude gradient Σ_t g·y in one C pass over bf16 tensors: the exact sums to fp32 rounding, the
+    columns split over threads from 4M values (the last shape)."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1])).bfloat16()
+    y = torch.randn(shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    got = native.column_dots(g, y)
+    expected = (g.double() * y.double()).sum(dim=0)
+    assert got.dtype == torch.float32 and got.shape == (shape[1],)
+    assert float((got.double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+    assert native.column_dots(g.float(), y.float()) is None  # (fp32: the PyTorch path)
+
+
+@pytest.mark.parametrize("group, bits", [(32, 4), (128, 4), (16, 2)])
+def test_dora_group_norms_are_the_adapted_rows_norms(monkeypatch, group, bits):
+    """The row norms of W0 + ΔW from the groups' code sums, in C and in PyTorch, against the formed weight."""
+    from loraq.core.config import LoraConfig
+    from loraq.core.lora import LoraLinear, _dora_norm_by_groups
+    from loraq.quant.frozen import IntLinear
+
+    torch.manual_seed(group)
+    codes, scale, offset = intk.quantize_rtn(torch.randn(40, 4 * group), bits, group)
+    layer = LoraLinear(IntLinear(codes, scale, offset, bits))
+    adapter = layer.add_adapter(LoraConfig(r=4, alpha=8, method="qalora", group_size=group, use_dora=True))
+    with torch.no_grad():
+        adapter.B.normal_(0, 0.3)
+    expected = adapter.adapted_norms(layer.base.dequantize(torch.float32).double()).double()
+    in_c = _dora_norm_by_groups(adapter, layer.base)
+    in_pytorch = pytorch_path(monkeypatch, lambda: _dora_norm_by_groups(adapter, layer.base))
+    for got in (in_c, in_pytorch):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+    assert native.dora_group_norms(adapter.B, adapter.A, 1.0, scale.float(), offset, adapter.base_code_sums, group,
+                                   adapter.base_norm_sq) is None  # (fp32 constants: not the C path's)  # fmt: skip

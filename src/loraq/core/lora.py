@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import LoraqError
 from ..formats import gguf_blocks
+from ..quant import native
 from ..quant.frozen import FrozenQuantized, GgufLinear, IntLinear, backward_weight, forward_weight, matmul_dtype
 from ..quant.schemes import Scheme, scheme_of
 from .config import LoraConfig
@@ -74,6 +75,8 @@ class LoraAdapter(nn.Module):
         # DoRA: the magnitudes (set to the base's row norms by LoraLinear.add_adapter) and ||W0[o]||², fixed
         self.magnitude = nn.Parameter(torch.ones(out_features)) if config.use_dora else None
         self.register_buffer("base_norm_sq", torch.ones(out_features) if config.use_dora else None, persistent=False)
+        # (DoRA on an INT-k base whose groups A is pooled over: each group's sum of codes, see _dora_norm_by_groups)
+        self.register_buffer("base_code_sums", None, persistent=False)
 
     @property
     def trains_constants(self) -> bool:
@@ -172,26 +175,51 @@ class _ScaledSum(torch.autograd.Function):
         return grad_k, grad_base, grad_update
 
 
+def _dora_norm_by_groups(adapter: LoraAdapter, layer: FrozenQuantized) -> torch.Tensor | None:
+    """||(W0 + ΔW)[o]|| (fp32) of an INT-k base under an A pooled over its groups, without forming the weight:
+    ΔW is constant over each group (D = `group_delta`), so ||W0 + ΔW||² = ||W0||² + Σ_g D·(2·G + L·D), G each
+    group's sum of weights, scale·Σcodes + L·offset (the code sums kept since the adapter started,
+    `base_code_sums`). None where that does not hold. Detached, as PEFT's norm."""
+    sums = adapter.base_code_sums
+    if sums is None:
+        return None
+    c, group = adapter.scaling * adapter.pool_scale, layer.group_size
+    b, a = adapter.B.detach(), adapter.A.detach()
+    norm = native.dora_group_norms(b, a, c, layer.scale, layer.offset, sums, group, adapter.base_norm_sq)
+    if norm is not None:  # (in C: one call instead of a dozen small ops, which cost more than their arithmetic)
+        return norm
+    with torch.no_grad(), torch.autocast(sums.device.type, enabled=False):  # (fp32: not autocast's 16 bits)
+        twice_sums = torch.addcmul(layer.offset.float() * (2 * layer.group_size), layer.scale, sums, value=2.0)
+        delta = adapter.group_delta()
+        norm_sq = adapter.base_norm_sq + (delta * torch.add(twice_sums, delta, alpha=layer.group_size)).sum(dim=1)
+        return norm_sq.clamp(min=0).sqrt()
+
+
 class _DoraFrozenMatmul(torch.autograd.Function):
     """DoRA on a quantized base without dropout: (x·(k∘W0)ᵀ, k), k = m / ||(W0 + ΔW)[o]|| per output row.
 
-    The row scale goes into the weight the base dequantizes anyway (one pass over out x in 16-bit values, in its
-    workspace buffer) rather than over the (tokens, out) outputs, and the caller scales B's rows by the returned
-    k for the update: DoRA then adds no pass over the outputs but the magnitudes' gradient, m's dL/dm =
-    Σ_t g·y / (k·norm) (y = k·x·W0ᵀ, so x·W0ᵀ = y / k), from the saved 16-bit output. The norm is computed here from
-    A·W0ᵀ of the same dequantized weight, detached as in PEFT."""
+    The row scale goes into the weight the base dequantizes anyway rather than over the (tokens, out) outputs,
+    and the caller scales B's rows by the returned k for the update. Where k can come first (an INT-k base under
+    an A pooled over its groups, `_dora_norm_by_groups`, or rank 0), it goes into the group constants the weight is
+    dequantized with (`FrozenQuantized.scaled_weight`): DoRA forms no weight of its own. Otherwise the norm needs
+    A·W0ᵀ from the dequantized weight, whose rows are then scaled in place (in its workspace buffer), forward and
+    backward. The norm is detached, as in PEFT. DoRA then adds one pass over the outputs: the magnitudes' gradient,
+    dL/dm = Σ_t g·y / (k·norm) (y = k·x·W0ᵀ, so x·W0ᵀ = y / k), from the saved 16-bit output."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, magnitude: torch.Tensor, layer: FrozenQuantized, adapter, rows):
-        weight = forward_weight(ctx, layer, x.dtype)
-        w0_a = None if rows is None else F.linear(rows.to(x.dtype), weight)
-        norm = adapter.dora_norm(w0_a).to(magnitude.device)
-        k = magnitude.detach().float() / norm
-        # A workspace buffer is scratch and scaled in place; without one the weight is scaled into a copy, in
-        # case a layer's dequantize ever hands out a tensor it keeps.
-        ctx.fresh = layer.workspace is None
-        scale = k[:, None].to(weight.dtype)
-        weight = weight * scale if ctx.fresh else weight.mul_(scale)
+        norm = _dora_norm_by_groups(adapter, layer)
+        ctx.folded = norm is not None or rows is None
+        if ctx.folded:
+            norm = (adapter.dora_norm(None) if norm is None else norm).to(magnitude.device)
+            k = scale = magnitude.detach().float() / norm
+            weight = forward_weight(ctx, layer, x.dtype, row_scale=scale)
+        else:
+            weight = forward_weight(ctx, layer, x.dtype)
+            norm = adapter.dora_norm(F.linear(rows.to(x.dtype), weight)).to(magnitude.device)
+            k = magnitude.detach().float() / norm
+            scale = k.to(weight.dtype)  # (k as the weight is scaled by)
+            weight.mul_(scale[:, None])
         y = F.linear(x, weight)
         ctx.save_for_backward(weight if ctx.shared else None, y, scale, norm)
         ctx.magnitude_dtype = magnitude.dtype
@@ -202,15 +230,19 @@ class _DoraFrozenMatmul(torch.autograd.Function):
         weight, y, scale, norm = ctx.saved_tensors
         grad_x = grad_m = None
         if ctx.needs_input_grad[0]:
-            if not ctx.shared:
-                weight = backward_weight(ctx, grad.dtype, None)
-                weight = weight * scale if ctx.fresh else weight.mul_(scale)
+            if ctx.folded:
+                weight = backward_weight(ctx, grad.dtype, weight, row_scale=scale)
+            elif not ctx.shared:
+                weight = backward_weight(ctx, grad.dtype, None).mul_(scale[:, None])
             grad_x = grad @ weight.to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            # dL/dk = Σ_t g·(x·W0ᵀ) + the update's part, x·W0ᵀ = y / k with k as the weight was scaled by (its
-            # 16-bit rounding); dk/dm = 1 / norm. (fp16's range cannot hold the products: formed in fp32.)
-            product = grad.float() * y.float() if grad.dtype == torch.float16 else grad * y
-            through_base = product.sum(dim=tuple(range(grad.dim() - 1)), dtype=torch.float32) / scale[:, 0].float()
+            # dL/dk = Σ_t g·(x·W0ᵀ) + the update's part, x·W0ᵀ = y / k with k as the weight was scaled by;
+            # dk/dm = 1 / norm. (fp16's range cannot hold the products: formed in fp32.)
+            through_base = native.column_dots(grad, y)  # (bf16 on a CPU: in C, in one pass)
+            if through_base is None:
+                product = grad.float() * y.float() if grad.dtype == torch.float16 else grad * y
+                through_base = product.sum(dim=tuple(range(grad.dim() - 1)), dtype=torch.float32)
+            through_base = through_base / scale.float()
             grad_m = ((through_base + grad_k.float()) / norm).to(ctx.magnitude_dtype)
         return grad_x, grad_m, None, None, None
 
@@ -268,6 +300,11 @@ class LoraLinear(nn.Module):
         weight = self._scheme().dequantize(self.base).float()
         adapter.base_norm_sq.copy_(weight.pow(2).sum(dim=1))
         adapter.magnitude.copy_(adapter.adapted_norms(weight))
+        base = self.base
+        if adapter.r and isinstance(base, IntLinear) and adapter.pool == base.group_size:
+            sums = base.codes().view(base.out_features, -1, base.group_size).sum(dim=2, dtype=torch.int32)
+            fits_16_bits = (2**base.bits - 1) * base.group_size < 2**15
+            adapter.base_code_sums = sums.to(torch.int16 if fits_16_bits else torch.int32)
 
     def set_active(self, name: str) -> None:
         if name not in self.adapters:
@@ -324,7 +361,8 @@ class LoraLinear(nn.Module):
 
     def _dora_quantized(self, x: torch.Tensor, adapter: LoraAdapter, out_dtype: torch.dtype) -> torch.Tensor:
         """y = x·(k∘W0)ᵀ + b + s·(k∘B)·A·x: the row scale in the dequantized weight and in B (_DoraFrozenMatmul)."""
-        rows = adapter.expanded_A().to(x.device) if adapter.r else None
+        # (the expanded A only where the norm needs the weight: not over an INT-k base's own groups)
+        rows = adapter.expanded_A().to(x.device) if adapter.r and adapter.base_code_sums is None else None
         x_mm = x.to(matmul_dtype(x))
         y, k = _DoraFrozenMatmul.apply(x_mm, adapter.magnitude, self.base, adapter, rows)
         y = y.to(out_dtype)

@@ -56,8 +56,11 @@ def _kernels_for(t: torch.Tensor):
     return cuda_kernels() if t.is_cuda else None
 
 
-def forward_weight(ctx, layer: FrozenQuantized, dtype: torch.dtype) -> torch.Tensor:
-    """The weight a frozen matmul's forward multiplies by, dequantized (into the layer's workspace if it has one).
+def forward_weight(
+    ctx, layer: FrozenQuantized, dtype: torch.dtype, row_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The weight a frozen matmul's forward multiplies by, dequantized (into the layer's workspace if it has one),
+    with `row_scale` each output row times it (`FrozenQuantized.scaled_weight`).
 
     Inside a checkpointed block (`attached(..., checkpointed=...)`) the weight goes to the buffer of the layer's
     place in the block, and the caller saves it for backward (`ctx.shared`): checkpointing drops it after the
@@ -68,13 +71,19 @@ def forward_weight(ctx, layer: FrozenQuantized, dtype: torch.dtype) -> torch.Ten
     ctx.shared = workspace is not None and layer.checkpoint_slot is not None and ctx.needs_input_grad[0]
     if ctx.shared:
         workspace = workspace.writing_to(f"checkpointed.{layer.checkpoint_slot}")
-    return layer.dequantize(dtype, workspace)
+    return layer.dequantize(dtype, workspace) if row_scale is None else layer.scaled_weight(row_scale, dtype, workspace)
 
 
-def backward_weight(ctx, dtype: torch.dtype, saved: torch.Tensor | None) -> torch.Tensor:
+def backward_weight(
+    ctx, dtype: torch.dtype, saved: torch.Tensor | None, row_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """The weight for the backward: the one `forward_weight` gave if it was `saved` (ctx.shared), else again."""
     layer = ctx.layer
-    return saved if ctx.shared else layer.dequantize(dtype, layer.workspace)
+    if ctx.shared:
+        return saved
+    if row_scale is None:
+        return layer.dequantize(dtype, layer.workspace)
+    return layer.scaled_weight(row_scale, dtype, layer.workspace)
 
 
 class _FrozenMatmul(torch.autograd.Function):
@@ -154,6 +163,13 @@ class FrozenQuantized(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None) -> torch.Tensor:
         """The weight, (out, in), in `dtype`: a fresh tensor, or a view of a workspace buffer."""
         raise NotImplementedError
+
+    def scaled_weight(
+        self, row_scale: torch.Tensor, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None
+    ) -> torch.Tensor:
+        """The weight with each output row o times `row_scale[o]` (DoRA's k), (out, in) in `dtype`: dequantized,
+        then scaled in place (a dequantization is always a fresh tensor or a workspace buffer)."""
+        return self.dequantize(dtype, workspace).mul_(row_scale[:, None].to(dtype))
 
     def few_rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """x @ Wᵀ in fp32 without forming the weight, for a few rows on a CPU (quant/native.c) where that beats
@@ -284,6 +300,14 @@ class IntLinear(FrozenQuantized):
 
     def dequantize(self, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None) -> torch.Tensor:
         return self._dequantize(self.scale, self.offset, dtype, workspace)
+
+    def scaled_weight(
+        self, row_scale: torch.Tensor, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None
+    ) -> torch.Tensor:
+        """The rows' factor goes into each group's constants, k·(codes·scale + offset) = codes·(k·scale) + k·offset:
+        the weight comes out scaled, with no pass of its own over it."""
+        k = row_scale.float()[:, None]  # (fp16 constants times fp32 factors: fp32 products)
+        return self._dequantize(self.scale * k, self.offset * k, dtype, workspace)
 
     def few_rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         if self.bits != 4 or not native.gemv_usable(x, dtype, self.in_features, self.group_size):

@@ -5,7 +5,9 @@
    same order (code * absmax; code * scale then + offset, no FMA), then round-to-nearest-even to bf16 as
    torch's cast does (finite values). AVX-512 where the compiler targets it (a 16-entry table is one register:
    one permute per 16 values); elsewhere plain loops the compiler vectorizes as it can. Each call decodes
-   [start, stop) of the value stream into out[0 : stop - start]; callers split a tensor across threads. */
+   [start, stop) of the value stream into out[0 : stop - start]; callers split a tensor across threads.
+   At the end, two helpers of DoRA's step (column_dots_bf16, dora_group_norms). */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX512F__)
@@ -214,5 +216,72 @@ void int4_gemv(const uint8_t *packed, const float *scale, const float *offset, i
         }
         for (int64_t r = 0; r < rows; ++r) y[r * out + o] = acc[r];
 #endif
+    }
+}
+
+/* DoRA's magnitude gradient: out[c] = Σ_r a[r, c]·b[r, c] for columns [c_start, c_stop) of bf16 (rows, cols) a and
+   b, products and sums in fp32, in one pass that writes nothing else (PyTorch's a * b then sum writes the
+   products, rounded to bf16, and reads them again). Plain loops: the compiler vectorizes along the columns. */
+void column_dots_bf16(const uint16_t *a, const uint16_t *b, int64_t rows, int64_t cols, int64_t c_start,
+                      int64_t c_stop, float *out) {
+    for (int64_t c = c_start; c < c_stop; ++c) out[c] = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t *ar = a + r * cols, *br = b + r * cols;
+        for (int64_t c = c_start; c < c_stop; ++c) {
+            const uint32_t ua = (uint32_t)ar[c] << 16, ub = (uint32_t)br[c] << 16;
+            float fa, fb;
+            memcpy(&fa, &ua, 4);
+            memcpy(&fb, &ub, 4);
+            out[c] += fa * fb;
+        }
+    }
+}
+
+static inline float from_fp16(uint16_t h) { /* IEEE half to float, exactly (normals, subnormals, inf, nan) */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+    uint32_t u;
+    if (exponent == 0x1Fu) {
+        u = sign | 0x7F800000u | (mantissa << 13);
+    } else if (exponent) {
+        u = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else { /* zero or subnormal: mantissa · 2^-24, exact in float */
+        float f = (float)mantissa * 5.9604644775390625e-8f;
+        memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* DoRA's row norms over an INT-k base under an A pooled over its groups (QA-LoRA), for rows [o_start, o_stop):
+   norm[o] = sqrt(max(0, base_sq[o] + Σ_g d·(2·(scale·sums + L·offset) + L·d))), d[g] = c·Σ_r B[o, r]·A[r, g]: the
+   norm of the adapted row without forming it (core/lora.py, _dora_norm_by_groups, is the same in PyTorch).
+   B fp32 (out, rank), A fp32 (rank, groups), scale and offset fp16 bits and the groups' code sums int16, each
+   (out, groups). One call instead of a dozen small PyTorch ops, which cost more than their arithmetic. */
+void dora_group_norms(const float *b, const float *a, int64_t rank, int64_t groups, float c, const uint16_t *scale,
+                      const uint16_t *offset, const int16_t *sums, int64_t group, const float *base_sq,
+                      int64_t o_start, int64_t o_stop, float *norm) {
+    enum { TILE = 256 };
+    float d[TILE];
+    for (int64_t o = o_start; o < o_stop; ++o) {
+        float total = 0.0f;
+        for (int64_t g0 = 0; g0 < groups; g0 += TILE) {
+            const int64_t n = groups - g0 < TILE ? groups - g0 : TILE;
+            for (int64_t g = 0; g < n; ++g) d[g] = 0.0f;
+            for (int64_t r = 0; r < rank; ++r) {
+                const float br = b[o * rank + r];
+                const float *ar = a + r * groups + g0;
+                for (int64_t g = 0; g < n; ++g) d[g] += br * ar[g];
+            }
+            const int64_t row = o * groups + g0;
+            for (int64_t g = 0; g < n; ++g) {
+                const float dg = c * d[g];
+                const float sum = from_fp16(scale[row + g]) * (float)sums[row + g] + (float)group * from_fp16(offset[row + g]);
+                total += dg * (2.0f * sum + (float)group * dg);
+            }
+        }
+        const float sq = base_sq[o] + total;
+        norm[o] = sq > 0.0f ? sqrtf(sq) : 0.0f;
     }
 }

@@ -11,6 +11,10 @@ loraq cache, keyed by the source, the flags and the CPU's feature flags (a cache
 hands one the other's instructions). No compiler, a failed build, or `LORAQ_NATIVE=0`: the PyTorch path, with
 one line on stderr saying why. The threads are Python's (ctypes lets go of the GIL during a call), as many as
 `torch.get_num_threads()`, each decoding a contiguous run of whole blocks or groups.
+
+Two small helpers of DoRA's training step live here too (core/lora.py): the row norms over an INT-k base from its
+groups' code sums, and the magnitudes' gradient Σ_t g·y in one pass; a dozen PyTorch ops each, which on a CPU
+cost more in dispatch and memory traffic than their arithmetic.
 """
 
 from __future__ import annotations
@@ -64,6 +68,11 @@ def load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = [pointer, pointer, pointer, size, size, pointer, size, size, size, pointer, size]
         fn.restype = None
+    lib.column_dots_bf16.argtypes = [pointer, pointer, size, size, size, size, pointer]
+    lib.column_dots_bf16.restype = None
+    lib.dora_group_norms.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer, pointer, pointer, size,
+                                     pointer, size, size, pointer]  # fmt: skip
+    lib.dora_group_norms.restype = None
     return lib
 
 
@@ -166,6 +175,43 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset
     """x (..., in) times the INT4 weight's transpose, in fp32, the weight decoded in registers and never written."""
     return _gemv(library().int4_gemv, x, out_features, packed.contiguous(), scale.float().contiguous(),
                  offset.float().contiguous(), group)  # fmt: skip
+
+
+def column_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """Σ over the rows of a·b for each column of two bf16 CPU tensors of one shape (..., cols), fp32 (cols,), in one
+    pass (DoRA's magnitude gradient); None where the C path cannot take them."""
+    if not (a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape and a.device.type == "cpu" and enabled()):
+        return None
+    cols = a.shape[-1]
+    a2, b2 = a.reshape(-1, cols).contiguous(), b.reshape(-1, cols).contiguous()
+    out = torch.empty(cols)
+    # (one pass over memory: below ~4M values handing columns to the pool cost more than a second thread gained,
+    # 1024 x 576: 158 us in this thread, 280 us on two)
+    threads = torch.get_num_threads() if a2.numel() >= 1 << 22 else 1
+    per = -(-cols // threads // 16) * 16  # (whole vectors of columns per thread)
+    fn, rows = library().column_dots_bf16, a2.shape[0]
+    _parallel([(fn, a2.data_ptr(), b2.data_ptr(), rows, cols, c, min(cols, c + per), out.data_ptr())
+               for c in range(0, cols, per)])  # fmt: skip
+    return out
+
+
+def dora_group_norms(b: torch.Tensor, a: torch.Tensor, c: float, scale: torch.Tensor, offset: torch.Tensor,
+                     sums: torch.Tensor, group: int, base_sq: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+    """DoRA's row norms over an INT-k base under an A pooled over its groups, fp32 (out,): sqrt(base_sq + Σ_g d·(2·G +
+    group·d)), d = c·B·A, G = scale·sums + group·offset (see core/lora.py's `_dora_norm_by_groups`, the same in
+    PyTorch). None where the C path cannot take the tensors (CPU; B, A, base_sq fp32; scale, offset fp16; sums
+    int16)."""
+    tensors = (b, a, scale, offset, sums, base_sq)
+    dtypes = (torch.float32, torch.float32, torch.float16, torch.float16, torch.int16, torch.float32)
+    if any(t.dtype != d or t.device.type != "cpu" for t, d in zip(tensors, dtypes)) or not enabled():
+        return None
+    b, a, scale, offset, sums, base_sq = (t.contiguous() for t in tensors)
+    (out_features, rank), groups = b.shape, a.shape[1]
+    norm = torch.empty(out_features)
+    pointers = [t.data_ptr() for t in (scale, offset, sums)]
+    library().dora_group_norms(b.data_ptr(), a.data_ptr(), rank, groups, c, *pointers, group, base_sq.data_ptr(), 0,
+                               out_features, norm.data_ptr())  # fmt: skip
+    return norm
 
 
 def _gemv(fn, x: torch.Tensor, out_features: int, *args) -> torch.Tensor:
