@@ -113,20 +113,27 @@ def test_without_a_compiler_the_pytorch_path_runs_and_says_so_once(monkeypatch, 
                     "faster one"]  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["qlora", "qalora"])
-def test_a_training_run_computes_the_same_losses_either_way(monkeypatch, tmp_path, tiny_model_dir, method):
+@pytest.mark.parametrize("method, dora", [("qlora", False), ("qalora", False), ("qlora", True), ("qalora", True)])
+def test_a_training_run_computes_the_same_losses_either_way(monkeypatch, tmp_path, tiny_model_dir, method, dora):
+    """The dequantization in C is bit-identical. DoRA's C helpers sum in another order and form the magnitudes'
+    gradient from fp32 products (PyTorch's: bf16 products); Adam's first steps move each magnitude by ~lr whatever
+    its gradient's size, so that shows in the losses at 1e-4..1e-3 (the helpers themselves: the tests above)."""
     from conftest import E2E_TINY
 
     def run(folder: str) -> list[float]:
         config = loraq.TrainConfig(model=str(tiny_model_dir), data=str(E2E_TINY), out=str(tmp_path / folder),
                                    method=method, steps=3, batch_size=2, rank=4, warmup_steps=0, eval_every=3,
-                                   device="cpu", compute_dtype="bf16", grad_checkpoint=True)  # fmt: skip
+                                   device="cpu", compute_dtype="bf16", grad_checkpoint=True, dora=dora,
+                                   lr=1e-2)  # fmt: skip
         loraq.train(config, progress=False)
         lines = (tmp_path / folder / "metrics.jsonl").read_text().splitlines()
         return [r[k] for r in map(json.loads, lines) for k in ("loss", "val_loss") if k in r]
 
-    ours = run("native")
-    assert ours == pytorch_path(monkeypatch, lambda: run("pytorch"))
+    ours, theirs = run("native"), pytorch_path(monkeypatch, lambda: run("pytorch"))
+    if dora:
+        assert ours == pytest.approx(theirs, rel=2e-3) and ours[:2] == pytest.approx(theirs[:2], rel=1e-5)
+    else:
+        assert ours == theirs
 
 
 def test_a_decode_counts_as_an_in_place_change_for_autograd():
