@@ -13,6 +13,7 @@ setups alternate for --rounds rounds; the report gives medians and ratios to the
 shared, noisy machine the time ratio is then measured over the same seconds (peak RSS is not reported):
 
     .venv/bin/python bench/steps.py --setups loraq-qalora,loraq-qadora --compute-dtype bf16 --interleaved --steps 12
+    .venv/bin/python bench/steps.py --setups loraq-qalora,loraq-qadora --compute-dtype bf16 --interleaved --dropout 0.05
 
 Batch 4 x 256 tokens, r=16 on all 7 projections, loss on every token, AdamW on the adapter. With
 --compute-dtype bf16 every setup runs under CPU bf16 autocast (bitsandbytes with bf16 compute), as
@@ -57,7 +58,7 @@ SETUPS = ("loraq-lora", "loraq-qlora", "loraq-qalora", "loraq-constants", "peft-
           "loraq-dora", "loraq-qdora", "loraq-qadora", "peft-dora")  # fmt: skip
 
 
-def load(which: str, rank: int, dtype):
+def load(which: str, rank: int, dtype, dropout: float = 0.0):
     import torch
 
     import loraq
@@ -70,7 +71,8 @@ def load(which: str, rank: int, dtype):
         plain = which.replace("qadora", "qalora").replace("dora", "lora")
         method = {"loraq-lora": "lora", "loraq-qlora": "qlora"}.get(plain, "qalora")
         options = {"r": 0, "train_constants": "both"} if which == "loraq-constants" else {"r": rank}
-        config = loraq.LoraConfig(alpha=2 * rank, targets=PROJECTIONS, method=method, use_dora=dora, **options)
+        config = loraq.LoraConfig(alpha=2 * rank, targets=PROJECTIONS, method=method, use_dora=dora, dropout=dropout,
+                                  **options)  # fmt: skip
         model, tokenizer = loraq.load_model("smollm2-135m", method=config)
         loraq.apply(model, config)
         return model, tokenizer
@@ -91,7 +93,8 @@ def load(which: str, rank: int, dtype):
         kwargs["device_map"] = "cpu"
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     dora = which == "peft-dora"
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS, use_dora=dora))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS, use_dora=dora, lora_dropout=dropout)
+    model = get_peft_model(model, config)
     return model, AutoTokenizer.from_pretrained(folder)
 
 
@@ -107,14 +110,15 @@ def train_step(model, optimizer, x, dtype) -> float:
     return float(loss)
 
 
-def measure(which: str, batch: int, seq: int, rank: int, warmup: int, steps: int, compute_dtype: str) -> dict:
+def measure(which: str, batch: int, seq: int, rank: int, warmup: int, steps: int, compute_dtype: str,
+            dropout: float = 0.0) -> dict:  # fmt: skip
     import torch
 
     from loraq.quant import workspace
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if compute_dtype == "bf16" else torch.float32
-    model, tokenizer = load(which, rank, dtype)
+    model, tokenizer = load(which, rank, dtype, dropout)
     model.train()
     x = batch_of_text(tokenizer, batch, seq)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,7 +140,8 @@ def measure(which: str, batch: int, seq: int, rank: int, warmup: int, steps: int
     }
 
 
-def interleaved(setups: list[str], batch: int, seq: int, rank: int, warmup: int, steps: int, compute_dtype: str):
+def interleaved(setups: list[str], batch: int, seq: int, rank: int, warmup: int, steps: int, compute_dtype: str,
+                dropout: float = 0.0):  # fmt: skip
     """Median step time of each setup, the setups loaded in this process and stepping in turn."""
     import torch
 
@@ -146,7 +151,7 @@ def interleaved(setups: list[str], batch: int, seq: int, rank: int, warmup: int,
     runs = {}
     for which in setups:
         torch.manual_seed(0)
-        model, tokenizer = load(which, rank, dtype)
+        model, tokenizer = load(which, rank, dtype, dropout)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         runs[which] = (model, torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params))
@@ -160,7 +165,8 @@ def interleaved(setups: list[str], batch: int, seq: int, rank: int, warmup: int,
                 if i >= warmup:
                     times[which].append(time.perf_counter() - t0)
     first = statistics.median(times[setups[0]])
-    print(f"\nbatch {batch} x {seq}, r={rank}, {compute_dtype}, one process, {steps} interleaved steps after {warmup}")
+    where = f"batch {batch} x {seq}, r={rank}, dropout {dropout}, {compute_dtype}"
+    print(f"\n{where}, one process, {steps} interleaved steps after {warmup}")
     for which in setups:
         step = statistics.median(times[which])
         print(f"{which:13s}{runs[which][2]:>12,} trainable  step {step:.3f} s  this/{setups[0]}: {step / first:.3f}")
@@ -176,11 +182,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--setups", default="loraq-lora,peft-lora", help=f"comma list of {', '.join(SETUPS)}")
     ap.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (DoRA then also multiplies the base "
+                    "by the dropped-out input, as PEFT's training formula does)")  # fmt: skip
     ap.add_argument("--interleaved", action="store_true", help="one process, the setups' steps in turn")
     ap.add_argument("--child", choices=SETUPS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        options = (args.batch, args.seq, args.rank, args.warmup, args.steps, args.compute_dtype)
+        options = (args.batch, args.seq, args.rank, args.warmup, args.steps, args.compute_dtype, args.dropout)
         print(json.dumps(measure(args.child, *options)))
         return
 
@@ -189,14 +197,14 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown setups {unknown}; choose from {', '.join(SETUPS)}")
     if args.interleaved:
-        interleaved(setups, args.batch, args.seq, args.rank, args.warmup, args.steps, args.compute_dtype)
+        interleaved(setups, args.batch, args.seq, args.rank, args.warmup, args.steps, args.compute_dtype, args.dropout)
         return
     results: dict[str, list[dict]] = {s: [] for s in setups}
     for _ in range(args.rounds):
         for which in setups:
             cmd = (
                 [sys.executable, __file__, "--child", which]
-                + [f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "rank", "warmup", "steps")]
+                + [f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "rank", "warmup", "steps", "dropout")]
                 + [f"--compute-dtype={args.compute_dtype}"]
             )
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

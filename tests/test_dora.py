@@ -281,3 +281,25 @@ def test_dora_gradients_on_a_quantized_base_equal_peft_s(tiny_model_dir, tokens,
         assert (a.base_code_sums is not None) == (method == "qalora")
         if method == "qlora":
             assert close(a.A.grad, grad_a)
+
+
+@pytest.mark.parametrize("method", ["qlora", "qalora"])
+def test_dora_with_dropout_on_a_quantized_base_is_peft_s_training_formula(tiny_model_dir, tokens, tmp_path, method):
+    """With dropout a quantized base multiplies x and the dropped-out x in one product (one dequantization):
+    PEFT's training-mode loss and gradients (the same random masks) on the weight loraq's base computes with."""
+    model, _ = loraq.load_model(tiny_model_dir)
+    loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, method=method, use_dora=True, dropout=0.2))
+    randomize(model)
+    loraq.save_adapter(model, tmp_path / "ad")
+    reference = dequantize_base(copy.deepcopy(loraq.unload(copy.deepcopy(model))))
+    peft_model = PeftModel.from_pretrained(reference, tmp_path / "ad", is_trainable=True)
+    losses = []
+    for m in (model, peft_model):
+        m.train()
+        torch.manual_seed(5)
+        loss = m(tokens, labels=tokens).loss
+        loss.backward()
+        losses.append(loss)
+    assert close(losses[0], losses[1])
+    for a, (_, grad_b, grad_m) in zip(adapters_of(model), peft_grads(peft_model), strict=True):
+        assert close(a.B.grad, grad_b) and close(a.magnitude.grad, grad_m)

@@ -338,25 +338,31 @@ class LoraLinear(nn.Module):
 
     def _dora_forward(self, x: torch.Tensor, adapter: LoraAdapter, out_dtype: torch.dtype) -> torch.Tensor:
         """PEFT's DoRA: y = W0·x + b + (k - 1)·W0·x_d + k·s·B·A·x_d, x_d the dropped-out input (x itself without
-        dropout: then y = k·(W0·x + s·B·A·x) + b). A quantized base gives A·W0ᵀ from the same dequantization."""
+        dropout: then y = k·(W0·x + s·B·A·x) + b). A quantized base gives A·W0ᵀ from the same dequantization, and
+        with dropout multiplies x and x_d in one product (one dequantization, forward and backward, for both)."""
         no_dropout = isinstance(adapter.dropout, nn.Identity) or not self.training
         if no_dropout and isinstance(self.base, FrozenQuantized):
             return self._dora_quantized(x, adapter, out_dtype)
         dropped = x if no_dropout else adapter.dropout(x)
         bias = getattr(self.base, "bias", None)
-        w0_a = None
-        if adapter.r:
-            base_d, w0_a = self._base_and_rows(dropped, adapter.expanded_A().to(x.device))
+        both = not no_dropout and isinstance(self.base, FrozenQuantized)
+        inputs = torch.cat([x, dropped]) if both else dropped
+        norm = _dora_norm_by_groups(adapter, self.base) if isinstance(self.base, FrozenQuantized) else None
+        if adapter.r and norm is None:
+            out, w0_a = self._base_and_rows(inputs, adapter.expanded_A().to(x.device))
+            norm = adapter.dora_norm(w0_a)
         else:
-            base_d = self.base(dropped)
-        k = (adapter.magnitude / adapter.dora_norm(w0_a).to(adapter.magnitude.device)).to(out_dtype)
+            out = self.base(inputs)
+            norm = adapter.dora_norm(None) if norm is None else norm
+        base_x, base_d = out.split(len(x)) if both else (None, out)
+        k = (adapter.magnitude / norm.to(adapter.magnitude.device)).to(out_dtype)
         no_bias = base_d if bias is None else base_d.to(out_dtype) - bias.to(out_dtype)
         update = adapter.update(dropped) if adapter.r else None
         if no_dropout:  # one product
             y = _ScaledSum.apply(k, no_bias, update)
             return y if bias is None else y + bias.to(out_dtype)
         no_bias = no_bias.to(out_dtype)
-        y = self.base(x).to(out_dtype) + (k - 1) * no_bias
+        y = (self.base(x) if base_x is None else base_x).to(out_dtype) + (k - 1) * no_bias
         return y if update is None else y + k * update.to(out_dtype)
 
     def _dora_quantized(self, x: torch.Tensor, adapter: LoraAdapter, out_dtype: torch.dtype) -> torch.Tensor:
