@@ -168,8 +168,10 @@ class FrozenQuantized(nn.Module):
         self, row_scale: torch.Tensor, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None
     ) -> torch.Tensor:
         """The weight with each output row o times `row_scale[o]` (DoRA's k), (out, in) in `dtype`: dequantized,
-        then scaled in place (a dequantization is always a fresh tensor or a workspace buffer)."""
-        return self.dequantize(dtype, workspace).mul_(row_scale[:, None].to(dtype))
+        then scaled in place (a dequantization is always a fresh tensor or a workspace buffer), the products formed
+        with k as it is (fp32) and rounded once, as IntLinear's constants give them: DoRA's magnitude gradient
+        divides by that k."""
+        return self.dequantize(dtype, workspace).mul_(row_scale[:, None])
 
     def few_rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """x @ Wᵀ in fp32 without forming the weight, for a few rows on a CPU (quant/native.c) where that beats
