@@ -10,10 +10,12 @@ setups alternate for --rounds rounds; the report gives medians and ratios to the
     .venv/bin/python bench/steps.py --setups loraq-qlora,peft-qlora --compute-dtype bf16  # both in bf16 autocast
 
 `--interleaved` runs the setups in one process instead, one step of each in turn, for --steps rounds: on a
-shared, noisy machine the time ratio is then measured over the same seconds (peak RSS is not reported):
+shared, noisy machine the time ratio is then measured over the same seconds (peak RSS is not reported).
+`--tensor-peak` adds one profiled step to each process: the step's peak of live tensor bytes, which RSS hides:
 
     .venv/bin/python bench/steps.py --setups loraq-qalora,loraq-qadora --compute-dtype bf16 --interleaved --steps 12
     .venv/bin/python bench/steps.py --setups loraq-qalora,loraq-qadora --compute-dtype bf16 --interleaved --dropout 0.05
+    .venv/bin/python bench/steps.py --setups loraq-qalora,loraq-qadora,peft-dora --compute-dtype bf16 --tensor-peak
 
 Batch 4 x 256 tokens, r=16 on all 7 projections, loss on every token, AdamW on the adapter. With
 --compute-dtype bf16 every setup runs under CPU bf16 autocast (bitsandbytes with bf16 compute), as
@@ -24,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -111,7 +115,7 @@ def train_step(model, optimizer, x, dtype) -> float:
 
 
 def measure(which: str, batch: int, seq: int, rank: int, warmup: int, steps: int, compute_dtype: str,
-            dropout: float = 0.0) -> dict:  # fmt: skip
+            dropout: float = 0.0, tensor_peak: bool = False) -> dict:  # fmt: skip
     import torch
 
     from loraq.quant import workspace
@@ -131,11 +135,19 @@ def measure(which: str, batch: int, seq: int, rank: int, warmup: int, steps: int
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
             losses.append(loss)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the profiler's own memory
+        peak = None
+        if tensor_peak:  # one more step, profiled: its live CPU tensor bytes beyond what was there before it
+            trace = Path(f"/tmp/loraq-bench-steps-{which}-{os.getpid()}.json")
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as p:
+                train_step(model, optimizer, x, dtype)
+            peak = max(total for _, total in memory_events(p, trace)[1]) / 2**20
     return {
         "which": which,
         "trainable": sum(p.numel() for p in params),
         "step_s": statistics.median(times),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": rss,
+        "tensor_peak_mb": peak,
         "first_loss": losses[0],
     }
 
@@ -185,11 +197,13 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (DoRA then also multiplies the base "
                     "by the dropped-out input, as PEFT's training formula does)")  # fmt: skip
     ap.add_argument("--interleaved", action="store_true", help="one process, the setups' steps in turn")
+    ap.add_argument("--tensor-peak", action="store_true", help="one more step per process under the profiler: "
+                    "the step's peak of live tensor bytes (DESIGN.md §11), beside the peak RSS")  # fmt: skip
     ap.add_argument("--child", choices=SETUPS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         options = (args.batch, args.seq, args.rank, args.warmup, args.steps, args.compute_dtype, args.dropout)
-        print(json.dumps(measure(args.child, *options)))
+        print(json.dumps(measure(args.child, *options, tensor_peak=args.tensor_peak)))
         return
 
     setups = args.setups.split(",")
@@ -206,6 +220,7 @@ def main() -> None:
                 [sys.executable, __file__, "--child", which]
                 + [f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "rank", "warmup", "steps", "dropout")]
                 + [f"--compute-dtype={args.compute_dtype}"]
+                + (["--tensor-peak"] if args.tensor_peak else [])
             )
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results[which].append(json.loads(out.strip().splitlines()[-1]))
@@ -228,6 +243,11 @@ def main() -> None:
             f"{which:13s}{r['trainable']:>12,}{med(which, 'step_s'):>10.2f}{med(which, 'peak_rss_mb'):>15.0f}"
             f"{r['first_loss']:>8.3f}  {first}/this: step {step_ratio:.3f}, RSS {rss_ratio:.3f}"
         )
+    if args.tensor_peak:
+        print(f"\nthe step's tensor peak (MiB, profiler; median of {args.rounds} processes), ratio to {first}")
+        for which in setups:
+            peak = med(which, "tensor_peak_mb")
+            print(f"{which:13s}{peak:>10.0f}  {peak / med(first, 'tensor_peak_mb'):.3f}")
 
 
 if __name__ == "__main__":
