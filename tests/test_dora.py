@@ -236,27 +236,39 @@ def test_dora_gradients_equal_peft_s(tiny_model_dir, tmp_path):
             assert close(g, w, 1e-5)
 
 
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
-def test_scaled_sum_is_autograds_formula(dtypes):
-    """DoRA's fused k·(base + update): the values and gradients of the plain formula (autocast's mixed case:
-    16-bit base and update, fp32 k), and float64 gradcheck."""
-    from loraq.core.lora import _ScaledSum
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_dora_on_a_16_bit_base_is_the_plain_formula(conv1d):
+    """DoRA's row scale in a transient copy of the weight (no dropout): the values and gradients of the plain
+    formula y = k·(x·W0ᵀ + s·B·A·x) + b, k = m / ||W0 + s·B·A|| detached (PEFT's), fp32 and under bf16 autocast,
+    for nn.Linear and GPT-2's Conv1D (fan_in_fan_out)."""
+    from transformers.pytorch_utils import Conv1D
 
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(3, 5, 8, generator=g).to(dtypes[0]).requires_grad_()
-    update = torch.randn(3, 5, 8, generator=g).to(dtypes[1]).requires_grad_()
-    k = torch.rand(8, generator=g).add(0.5).requires_grad_()
-    grad = torch.randn(3, 5, 8, generator=g)
-    got = _ScaledSum.apply(k, base, update)
-    want = k * (base.float() + update.float())
-    assert torch.equal(got, want)
-    got_grads = torch.autograd.grad(got, (k, base, update), grad)
-    want_grads = torch.autograd.grad(want, (k, base, update), grad)
-    for a, b in zip(got_grads, want_grads):
-        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
-    args = [t.detach().double().requires_grad_() for t in (k, base, update)]
-    assert torch.autograd.gradcheck(_ScaledSum.apply, args)
-    assert torch.autograd.gradcheck(lambda k, b: _ScaledSum.apply(k, b, None), args[:2])
+    from loraq.core.lora import LoraLinear
+
+    torch.manual_seed(0)
+    base = Conv1D(12, 16) if conv1d else torch.nn.Linear(16, 12)
+    base.requires_grad_(False)
+    layer = LoraLinear(base)
+    config = loraq.LoraConfig(r=4, alpha=8, use_dora=True, dropout=0.0)
+    adapter = layer.add_adapter(config)
+    layer.active = config.adapter_name
+    with torch.no_grad():
+        adapter.B.normal_()
+        adapter.magnitude.mul_(torch.rand(12) + 0.5)
+    w0 = (base.weight.T if conv1d else base.weight).detach()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = layer(x)
+        delta = adapter.scaling * adapter.B @ adapter.A
+        norm = torch.linalg.vector_norm(w0 + delta, dim=1).detach()
+        want = adapter.magnitude / norm * (x @ w0.T + x @ delta.T) + base.bias
+        tol = 3e-2 if autocast else 1e-5
+        assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=tol, atol=tol)
+        grad = torch.randn_like(want)
+        params = (x, adapter.A, adapter.B, adapter.magnitude)
+        for a, b in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad)):
+            assert torch.allclose(a, b, rtol=tol, atol=tol * b.abs().max())
 
 
 @pytest.mark.parametrize("method", ["qlora", "qalora"])

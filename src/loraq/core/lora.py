@@ -149,30 +149,41 @@ class LoraAdapter(nn.Module):
         return a.repeat_interleave(self.pool, dim=1) * self.pool_scale if self.pool > 1 else a
 
 
-class _ScaledSum(torch.autograd.Function):
-    """y = k·(base + update) in k's dtype, k one factor per output column (DoRA's row scale), `update` None or
-    the adapter's output. The same values as autograd's cast, cast, add and multiply, with fewer passes over the
-    (tokens, out) tensors, which is most of what DoRA adds to a CPU step: the sum is kept for k's gradient, and
-    base and update share one gradient instead of two casts of it."""
+class _DoraPlainMatmul(torch.autograd.Function):
+    """DoRA on a full-precision base without dropout: (x·(k∘W0)ᵀ, k), as `_DoraFrozenMatmul` computes it on a
+    quantized one. The weight is cast to the input's dtype (the copy autocast would make anyway), A·W0ᵀ taken from
+    that copy for the norm, and its rows scaled in place; the copy is not kept: the backward multiplies (g∘k) by
+    W0, so DoRA keeps only its 16-bit output beside what LoRA keeps (scaling the outputs instead kept them in the
+    residual stream's fp32, and passed over them three more times)."""
 
     @staticmethod
-    def forward(ctx, k: torch.Tensor, base: torch.Tensor, update: torch.Tensor | None) -> torch.Tensor:
-        total = base.to(k.dtype) if update is None else base.to(k.dtype) + update.to(k.dtype)
-        ctx.dtypes = (base.dtype, None if update is None else update.dtype)
-        ctx.save_for_backward(k, total if ctx.needs_input_grad[0] else None)
-        return total * k
+    def forward(ctx, x: torch.Tensor, magnitude: torch.Tensor, w0: torch.Tensor, adapter, rows):
+        weight = w0.to(x.dtype, copy=True)
+        norm = adapter.dora_norm(None if rows is None else F.linear(rows.to(x.dtype), weight)).to(magnitude.device)
+        k = magnitude.detach().float() / norm
+        scale = k.to(weight.dtype)  # (k as the weight is scaled by)
+        y = F.linear(x, weight.mul_(scale[:, None]))
+        ctx.save_for_backward(w0, y, scale, norm)
+        ctx.magnitude_dtype = magnitude.dtype
+        return y, k
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        k, total = ctx.saved_tensors
-        grad_k = (grad * total).sum(dim=tuple(range(grad.dim() - 1))) if total is not None else None
-        scaled = grad * k if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None
-        base_dtype, update_dtype = ctx.dtypes
-        grad_base = scaled.to(base_dtype) if ctx.needs_input_grad[1] else None
-        grad_update = None
-        if ctx.needs_input_grad[2]:
-            grad_update = grad_base if update_dtype == base_dtype and grad_base is not None else scaled.to(update_dtype)
-        return grad_k, grad_base, grad_update
+    def backward(ctx, grad: torch.Tensor, grad_k: torch.Tensor):
+        w0, y, scale, norm = ctx.saved_tensors
+        grad_x = (grad * scale.to(grad.dtype)) @ w0.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_m = _magnitude_grad(ctx, grad, grad_k, y, scale, norm) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_m, None, None, None
+
+
+def _magnitude_grad(ctx, grad: torch.Tensor, grad_k: torch.Tensor, y: torch.Tensor, scale, norm) -> torch.Tensor:
+    """dL/dm of y = x·(k∘W0)ᵀ: dL/dk = Σ_t g·(x·W0ᵀ) + the update's part, x·W0ᵀ = y / k with k as the weight was
+    scaled by; dk/dm = 1 / norm. (fp16's range cannot hold the products: formed in fp32.)"""
+    through_base = native.column_dots(grad, y)  # (bf16 on a CPU: in C, in one pass)
+    if through_base is None:
+        product = grad.float() * y.float() if grad.dtype == torch.float16 else grad * y
+        through_base = product.sum(dim=tuple(range(grad.dim() - 1)), dtype=torch.float32)
+    through_base = through_base / scale.float()
+    return ((through_base + grad_k.float()) / norm).to(ctx.magnitude_dtype)
 
 
 def _dora_norm_by_groups(adapter: LoraAdapter, layer: FrozenQuantized) -> torch.Tensor | None:
@@ -236,14 +247,7 @@ class _DoraFrozenMatmul(torch.autograd.Function):
                 weight = backward_weight(ctx, grad.dtype, None).mul_(scale[:, None])
             grad_x = grad @ weight.to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            # dL/dk = Σ_t g·(x·W0ᵀ) + the update's part, x·W0ᵀ = y / k with k as the weight was scaled by;
-            # dk/dm = 1 / norm. (fp16's range cannot hold the products: formed in fp32.)
-            through_base = native.column_dots(grad, y)  # (bf16 on a CPU: in C, in one pass)
-            if through_base is None:
-                product = grad.float() * y.float() if grad.dtype == torch.float16 else grad * y
-                through_base = product.sum(dim=tuple(range(grad.dim() - 1)), dtype=torch.float32)
-            through_base = through_base / scale.float()
-            grad_m = ((through_base + grad_k.float()) / norm).to(ctx.magnitude_dtype)
+            grad_m = _magnitude_grad(ctx, grad, grad_k, y, scale, norm)
         return grad_x, grad_m, None, None, None
 
 
@@ -340,37 +344,36 @@ class LoraLinear(nn.Module):
         """PEFT's DoRA: y = W0·x + b + (k - 1)·W0·x_d + k·s·B·A·x_d, x_d the dropped-out input (x itself without
         dropout: then y = k·(W0·x + s·B·A·x) + b). A quantized base gives A·W0ᵀ from the same dequantization, and
         with dropout multiplies x and x_d in one product (one dequantization, forward and backward, for both)."""
-        no_dropout = isinstance(adapter.dropout, nn.Identity) or not self.training
-        if no_dropout and isinstance(self.base, FrozenQuantized):
-            return self._dora_quantized(x, adapter, out_dtype)
-        dropped = x if no_dropout else adapter.dropout(x)
+        if isinstance(adapter.dropout, nn.Identity) or not self.training:
+            return self._dora_scaled_rows(x, adapter, out_dtype)
+        dropped = adapter.dropout(x)
         bias = getattr(self.base, "bias", None)
-        both = not no_dropout and isinstance(self.base, FrozenQuantized)
-        inputs = torch.cat([x, dropped]) if both else dropped
-        norm = _dora_norm_by_groups(adapter, self.base) if isinstance(self.base, FrozenQuantized) else None
+        quantized = isinstance(self.base, FrozenQuantized)
+        inputs = torch.cat([x, dropped]) if quantized else dropped
+        norm = _dora_norm_by_groups(adapter, self.base) if quantized else None
         if adapter.r and norm is None:
             out, w0_a = self._base_and_rows(inputs, adapter.expanded_A().to(x.device))
             norm = adapter.dora_norm(w0_a)
         else:
             out = self.base(inputs)
             norm = adapter.dora_norm(None) if norm is None else norm
-        base_x, base_d = out.split(len(x)) if both else (None, out)
+        base_x, base_d = out.split(len(x)) if quantized else (self.base(x), out)
         k = (adapter.magnitude / norm.to(adapter.magnitude.device)).to(out_dtype)
         no_bias = base_d if bias is None else base_d.to(out_dtype) - bias.to(out_dtype)
-        update = adapter.update(dropped) if adapter.r else None
-        if no_dropout:  # one product
-            y = _ScaledSum.apply(k, no_bias, update)
-            return y if bias is None else y + bias.to(out_dtype)
-        no_bias = no_bias.to(out_dtype)
-        y = (self.base(x) if base_x is None else base_x).to(out_dtype) + (k - 1) * no_bias
-        return y if update is None else y + k * update.to(out_dtype)
+        y = base_x.to(out_dtype) + (k - 1) * no_bias.to(out_dtype)
+        return y + k * adapter.update(dropped).to(out_dtype) if adapter.r else y
 
-    def _dora_quantized(self, x: torch.Tensor, adapter: LoraAdapter, out_dtype: torch.dtype) -> torch.Tensor:
-        """y = x·(k∘W0)ᵀ + b + s·(k∘B)·A·x: the row scale in the dequantized weight and in B (_DoraFrozenMatmul)."""
+    def _dora_scaled_rows(self, x: torch.Tensor, adapter: LoraAdapter, out_dtype: torch.dtype) -> torch.Tensor:
+        """y = x·(k∘W0)ᵀ + b + s·(k∘B)·A·x: the row scale in the base's weight and in B, not over the outputs."""
+        quantized = isinstance(self.base, FrozenQuantized)
         # (the expanded A only where the norm needs the weight: not over an INT-k base's own groups)
         rows = adapter.expanded_A().to(x.device) if adapter.r and adapter.base_code_sums is None else None
         x_mm = x.to(matmul_dtype(x))
-        y, k = _DoraFrozenMatmul.apply(x_mm, adapter.magnitude, self.base, adapter, rows)
+        if quantized:
+            y, k = _DoraFrozenMatmul.apply(x_mm, adapter.magnitude, self.base, adapter, rows)
+        else:
+            w0 = linear_weight(self.base).detach()
+            y, k = _DoraPlainMatmul.apply(x_mm, adapter.magnitude, w0, adapter, rows)
         y = y.to(out_dtype)
         if self.base.bias is not None:
             y = y + self.base.bias.to(out_dtype)
