@@ -84,8 +84,9 @@ class TrainConfig:
     batch_size: int = _opt(8, "examples per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float | None = _opt(
-        None, "peak learning rate (default: the method's best in bench/qalora.py --sweep, see BEST_LR; below rank 16 "
-        "times sqrt(16 / rank))"
+        None,
+        "peak learning rate (default: the method's best in bench/qalora.py --sweep, see BEST_LR; below rank 16 "
+        "times sqrt(16 / rank))",
     )
     schedule: str = _opt("cosine", "learning-rate schedule after warmup: cosine, linear (both to zero) or constant")
     warmup_steps: int = _opt(10, "linear warmup steps before the schedule")
