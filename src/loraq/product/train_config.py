@@ -24,7 +24,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 BEST_LR = {"lora": 2e-3, "qlora": 2e-3, "qalora": 2e-3, "qalora, constants only": 1e-2}
 # Below rank 16 an adapter wants a larger rate: alpha = 2r keeps s = alpha / r fixed, and under Adam B·A sums fewer
 # rank-one steps of the same size. At r=4 (bench/qalora.py --rank 4, three seeds) LoRA, DoRA, QA-LoRA and QA-DoRA
-# were each best at 4e-3-8e-3, 0.03-0.05 of validation loss below 2e-3; sqrt(16 / r) gives 4e-3 there. Above 16 the
+# were each best at 4e-3-8e-3, 0.03-0.06 of validation loss below 2e-3; sqrt(16 / r) gives 4e-3 there. Above 16 the
 # rates were not measured: they stay.
 SWEPT_RANK = 16
 
