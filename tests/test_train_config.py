@@ -24,7 +24,7 @@ def test_learning_rate_defaults_to_the_methods_best(options, key):
 
 @pytest.mark.parametrize("rank, want", [(4, 4e-3), (1, 8e-3), (16, 2e-3), (64, 2e-3)])
 def test_a_low_rank_gets_a_larger_default_rate(rank, want):
-    """bench/qalora.py at r=4: every setup best at 4e-3-8e-3, against 2e-3 at r=16 (README, DoRA's quality)."""
+    """bench/qalora.py at r=4: every setup best at 4e-3-8e-3, against 2e-3 at r=16 (README, "DoRA vs LoRA")."""
     assert TrainConfig(method="qalora", rank=rank).lr == pytest.approx(want)
     assert TrainConfig(method="lora", rank=rank, lr=1e-3).lr == 1e-3  # a given rate is never scaled
 

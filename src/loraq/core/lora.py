@@ -149,6 +149,16 @@ class LoraAdapter(nn.Module):
         return a.repeat_interleave(self.pool, dim=1) * self.pool_scale if self.pool > 1 else a
 
 
+def _scale_rows_by_k(weight: torch.Tensor, magnitude: torch.Tensor, adapter, rows):
+    """k = m / ||(W0 + ΔW)[o]|| with the norm's A·W0ᵀ from `weight` (W0 in the input's dtype; `rows` None at rank
+    0), and `weight`'s rows scaled by k in place. Returns (k fp32, k as the weight was scaled by, norm)."""
+    norm = adapter.dora_norm(None if rows is None else F.linear(rows.to(weight.dtype), weight)).to(magnitude.device)
+    k = magnitude.detach().float() / norm
+    scale = k.to(weight.dtype)
+    weight.mul_(scale[:, None])
+    return k, scale, norm
+
+
 class _DoraPlainMatmul(torch.autograd.Function):
     """DoRA on a full-precision base without dropout: (x·(k∘W0)ᵀ, k), as `_DoraFrozenMatmul` computes it on a
     quantized one. The weight is cast to the input's dtype (the copy autocast would make anyway), A·W0ᵀ taken from
@@ -159,10 +169,8 @@ class _DoraPlainMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, magnitude: torch.Tensor, w0: torch.Tensor, adapter, rows):
         weight = w0.to(x.dtype, copy=True)
-        norm = adapter.dora_norm(None if rows is None else F.linear(rows.to(x.dtype), weight)).to(magnitude.device)
-        k = magnitude.detach().float() / norm
-        scale = k.to(weight.dtype)  # (k as the weight is scaled by)
-        y = F.linear(x, weight.mul_(scale[:, None]))
+        k, scale, norm = _scale_rows_by_k(weight, magnitude, adapter, rows)
+        y = F.linear(x, weight)
         ctx.save_for_backward(w0, y, scale, norm)
         ctx.magnitude_dtype = magnitude.dtype
         return y, k
@@ -227,10 +235,7 @@ class _DoraFrozenMatmul(torch.autograd.Function):
             weight = forward_weight(ctx, layer, x.dtype, row_scale=scale)
         else:
             weight = forward_weight(ctx, layer, x.dtype)
-            norm = adapter.dora_norm(F.linear(rows.to(x.dtype), weight)).to(magnitude.device)
-            k = magnitude.detach().float() / norm
-            scale = k.to(weight.dtype)  # (k as the weight is scaled by)
-            weight.mul_(scale[:, None])
+            k, scale, norm = _scale_rows_by_k(weight, magnitude, adapter, rows)
         y = F.linear(x, weight)
         ctx.save_for_backward(weight if ctx.shared else None, y, scale, norm)
         ctx.magnitude_dtype = magnitude.dtype
